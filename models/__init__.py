@@ -1,0 +1,1 @@
+"""Model architectures as pure JAX functions, their configs, weight loading and tokenizers."""
