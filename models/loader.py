@@ -22,11 +22,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import jax.numpy as jnp
 
 from models import architecture
 from models.config import ModelConfig
 from models.errors import ModelLoadError
+from models.params import DTYPES
 from models.safetensors_io import iter_tensors, safetensors_files
 from models.tokenizer import Tokenizer, load_tokenizer
 from models.weights import assemble_params
@@ -34,7 +34,6 @@ from models.weights import assemble_params
 log = logging.getLogger("models.loader")
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def _smollm2_path() -> Path:

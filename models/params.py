@@ -16,6 +16,7 @@ import numpy as np
 
 from models.config import ModelConfig
 
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # the `dtype` option
 Params = dict[str, Any]  # {"embed": Array, ..., "layers": {"q": Array, ...}}
 
 

@@ -1,0 +1,88 @@
+"""The engine contract: what goes in (token ids + sampling parameters as values) and what comes out
+(a stream of deltas: token ids, text, logprobs, finish reason). `serving/` and the offline API use
+only these types and `graph.engine.Engine`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+MAX_TOP_LOGPROBS = 20
+
+
+class EngineError(Exception):
+    """Base of the errors the engine raises for a request it cannot take."""
+
+
+class QueueFullError(EngineError):
+    """The waiting queue is at its bound; the client should retry later (HTTP 429)."""
+
+
+class RequestTooLargeError(EngineError):
+    """Prompt plus max_tokens do not fit in the context (HTTP 400)."""
+
+
+class EngineStoppedError(EngineError):
+    """The engine is shutting down and takes no new requests (HTTP 503)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Every switch of the compiled engine. The server's CLI is generated from these fields."""
+
+    max_batch: int = 16  # largest decode batch bucket
+    max_seq_len: int = 2048  # context length (prompt + output) of one request
+    page_size: int = 16  # tokens per KV page
+    max_prefill_tokens: int = 512  # largest prefill chunk bucket; longer prompts are chunked
+    min_prefill_tokens: int = 16  # smallest prefill bucket
+    min_context_tokens: int = 256  # smallest decode context bucket
+    kv_memory_gb: float | None = None  # KV pool size; default: a fraction of device memory
+    kv_memory_fraction: float = 0.8  # of what device memory the executables leave free (GPU/TPU)
+    max_queue: int = 256  # waiting requests beyond this get QueueFullError
+    dtype: str = "float32"  # float32 | bfloat16
+    aot_dir: str | None = None  # load executables from here instead of compiling
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling; every field travels to the device as an array value."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    logprobs: int | None = None  # None: off; k >= 0: chosen token's logprob plus k alternatives
+    prompt_logprobs: int | None = None  # same, for every prompt token (echo + logprobs)
+    skip_special_tokens: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), best first
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """One delta of a request's stream. The last one has `finish_reason` set."""
+
+    request_id: str
+    text: str  # new text since the previous delta (never part of a stop string)
+    token_ids: list[int]  # new tokens since the previous delta
+    logprobs: list[TokenLogprob] | None  # one per new token when requested
+    finish_reason: str | None = None  # stop | length | abort | error
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # total so far
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # first delta only (first token: None)
+    error: str | None = None

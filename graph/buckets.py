@@ -1,0 +1,77 @@
+"""Bucket sets and the one function that picks a bucket.
+
+Every executable is compiled for one bucket: prefill chunks are `[1, tokens]` with a context of
+`pages` KV pages; decode steps are `[batch, 1]` with a context of `pages`. Sizes are powers of two
+between a minimum and a maximum (the maximum itself is always included, even if not a power of two).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from graph.api import EngineConfig
+
+
+def powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
+    """Powers of two in [lo, hi], plus hi itself: powers_of_two(3, 20) == (4, 8, 16, 20)."""
+    if hi < 1 or lo > hi:
+        raise ValueError(f"empty bucket range [{lo}, {hi}]")
+    out = [1 << i for i in range(max(0, math.ceil(math.log2(max(lo, 1)))), hi.bit_length()) if (1 << i) <= hi]
+    if not out or out[-1] != hi:
+        out.append(hi)
+    return tuple(out)
+
+
+def pick(buckets: tuple[int, ...], n: int) -> int:
+    """The smallest bucket >= n; a ValueError if n exceeds the largest (a caller bug)."""
+    for b in buckets:
+        if b >= n:
+            return b
+    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Buckets:
+    prefill_tokens: tuple[int, ...]  # chunk lengths
+    decode_batch: tuple[int, ...]  # decode batch sizes
+    context_pages: tuple[int, ...]  # KV pages a step may attend to (page-table width)
+    page_size: int
+
+    @classmethod
+    def from_config(cls, c: EngineConfig) -> Buckets:
+        if c.max_seq_len % c.page_size:
+            raise ValueError(f"max_seq_len {c.max_seq_len} must be a multiple of page_size {c.page_size}")
+        max_pages = c.max_seq_len // c.page_size
+        max_chunk = min(c.max_prefill_tokens, c.max_seq_len)
+        min_pages = min(max(1, c.min_context_tokens // c.page_size), max_pages)
+        return cls(
+            prefill_tokens=powers_of_two(min(c.min_prefill_tokens, max_chunk), max_chunk),
+            decode_batch=powers_of_two(1, c.max_batch),
+            context_pages=powers_of_two(min_pages, max_pages),
+            page_size=c.page_size,
+        )
+
+    @property
+    def max_pages(self) -> int:
+        return self.context_pages[-1]
+
+    def context_for(self, tokens: int) -> int:
+        """Context bucket (in pages) holding `tokens` tokens."""
+        return pick(self.context_pages, -(-tokens // self.page_size))
+
+    def prefill_keys(self) -> list[tuple[str, int, int, int]]:
+        """(phase, batch, tokens, pages) of every prefill executable: a chunk of T tokens needs at
+        least T tokens of context."""
+        return [
+            ("prefill", 1, t, p)
+            for t in self.prefill_tokens
+            for p in self.context_pages
+            if p * self.page_size >= t
+        ]
+
+    def decode_keys(self) -> list[tuple[str, int, int, int]]:
+        return [("decode", b, 1, p) for b in self.decode_batch for p in self.context_pages]
+
+    def all_keys(self) -> list[tuple[str, int, int, int]]:
+        return self.prefill_keys() + self.decode_keys()

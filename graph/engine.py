@@ -1,0 +1,268 @@
+"""The engine: a step loop on its own thread driving the executable table, and an async front.
+
+Threads and queues:
+- Callers (the HTTP server's event loop, or the offline API) call `submit()`: it validates the
+  request, puts it in the inbox (a lock-protected list) and returns a `RequestStream`, an async
+  iterator over an `asyncio.Queue` that belongs to the caller's event loop.
+- The step thread drains the inbox and the abort list, asks the `Scheduler` for the next step
+  (a prefill chunk or a decode batch), pads it to its bucket, runs the compiled executable with
+  the KV pool donated, and turns the sampled tokens into `RequestOutput` deltas (`graph/outputs.py`)
+  which it hands to each request's queue with `loop.call_soon_threadsafe`.
+- Closing a stream early (client gone) aborts its request: the step thread removes it and frees
+  its pages before its next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import jax
+import numpy as np
+
+from graph.api import (
+    EngineConfig,
+    EngineStoppedError,
+    QueueFullError,
+    RequestOutput,
+    RequestTooLargeError,
+    SamplingParams,
+)
+from graph.batching import build_decode, build_prefill
+from graph.buckets import Buckets
+from graph.executables import INIT_KV, ExecutableTable, kv_bytes_per_page, lower
+from graph.kv_cache import PageAllocator, kv_budget_bytes, plan_pages
+from graph.outputs import OutputProcessor
+from graph.scheduler import Decode, Prefill, Scheduler, Sequence
+from models.loader import LoadedModel
+
+log = logging.getLogger("graph.engine")
+
+
+class RequestStream:
+    """Async iterator of one request's deltas; closing it early aborts the request."""
+
+    def __init__(self, engine: Engine, request_id: str, loop: asyncio.AbstractEventLoop):
+        self.request_id = request_id
+        self._engine = engine
+        self._loop = loop
+        self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._finished = False
+
+    def push(self, out: RequestOutput) -> None:  # step thread
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, out)
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._finished:
+            raise StopAsyncIteration
+        out = await self._queue.get()
+        self._finished = out.finish_reason is not None
+        return out
+
+    async def aclose(self) -> None:
+        if not self._finished:
+            self._finished = True
+            self._engine.abort(self.request_id)
+
+
+class Engine:
+    def __init__(self, model: LoadedModel, config: EngineConfig, table: ExecutableTable):
+        self.model = model
+        self.config = config
+        self.table = table
+        self.buckets = table.buckets
+        self.max_seq_len = config.max_seq_len
+        self.system_fingerprint = f"fp_{model.fingerprint[:10]}"
+        self.allocator = PageAllocator(table.num_pages)
+        self.scheduler = Scheduler(
+            self.allocator,
+            page_size=config.page_size,
+            max_batch=config.max_batch,
+            max_prefill_tokens=self.buckets.prefill_tokens[-1],
+        )
+        self.outputs = OutputProcessor(model.tokenizer, model.cfg, config.max_seq_len)
+        self.kv = table.get(INIT_KV)()
+        self._lock = threading.Condition()
+        self._inbox: list[tuple[Sequence, RequestStream]] = []
+        self._aborts: list[str] = []
+        self._streams: dict[str, RequestStream] = {}
+        self._seqs: dict[str, Sequence] = {}
+        self._accepting = True
+        self._stop = False
+        self.steps = 0
+        self._thread = threading.Thread(target=self._loop, name="engine-step", daemon=True)
+        self._thread.start()
+        log.info(
+            "KV cache: %d pages of %d tokens = %d tokens of context (%.0f MiB)",
+            table.num_pages - 1,
+            config.page_size,
+            (table.num_pages - 1) * config.page_size,
+            table.num_pages * kv_bytes_per_page(model.cfg, config.page_size, model.dtype) / 2**20,
+        )
+
+    # ---- construction ----
+
+    @classmethod
+    def create(cls, model: LoadedModel, config: EngineConfig) -> Engine:
+        if config.dtype != model.dtype:
+            config = dataclasses.replace(config, dtype=model.dtype)
+        buckets = Buckets.from_config(config)
+        if config.aot_dir:
+            table = ExecutableTable.load(config.aot_dir, model.cfg, model.dtype, config, buckets, model.fingerprint)
+        else:
+            table = ExecutableTable.compile(model.cfg, model.dtype, config, buckets, plan_num_pages(model, config, buckets))
+        return cls(model, config, table)
+
+    # ---- the async front ----
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> RequestStream:
+        """Queue a request; raises before anything is queued if it cannot be served."""
+        self._validate(prompt_ids, params)
+        request_id = request_id or uuid.uuid4().hex
+        stream = RequestStream(self, request_id, asyncio.get_running_loop())
+        seed = params.seed if params.seed is not None else secrets.randbits(32)
+        seq = Sequence(request_id, list(prompt_ids), params, seed & 0xFFFFFFFF)
+        with self._lock:
+            if not self._accepting:
+                raise EngineStoppedError("the server is shutting down")
+            if len(self._inbox) + len(self.scheduler.waiting) >= self.config.max_queue:
+                raise QueueFullError(f"too many queued requests ({self.config.max_queue}); retry later")
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            self._streams[request_id] = stream
+            self._inbox.append((seq, stream))
+            self._lock.notify()
+        return stream
+
+    def _validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model.cfg.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        total = len(prompt_ids) + params.max_tokens
+        if total > self.max_seq_len:
+            raise RequestTooLargeError(
+                f"this model's maximum context length is {self.max_seq_len} tokens; the request has "
+                f"{len(prompt_ids)} prompt tokens plus max_tokens {params.max_tokens} = {total}"
+            )
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self._aborts.append(request_id)
+            self._lock.notify()
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "waiting": len(self.scheduler.waiting) + len(self._inbox),
+            "running": len(self.scheduler.running),
+            "pages_used": self.allocator.num_used,
+            "pages_free": self.allocator.num_free,
+            "pages_total": self.allocator.num_pages - 1,
+        }
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop taking requests, let the running ones finish for up to `timeout` seconds, end
+        the rest with an "abort" finish, and stop the thread."""
+        with self._lock:
+            self._accepting = False
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and (self._streams or self._inbox):
+            time.sleep(0.02)
+        with self._lock:
+            self._stop = True
+            self._lock.notify()
+        self._thread.join()
+
+    # ---- the step thread ----
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._stop or self._inbox or self._aborts or self.scheduler.num_unfinished):
+                    self._lock.wait()
+                if self._stop:
+                    break
+                inbox, self._inbox = self._inbox, []
+                aborts, self._aborts = self._aborts, []
+            for seq, _ in inbox:
+                self._seqs[seq.request_id] = seq
+                self.scheduler.add(seq)
+            for request_id in aborts:
+                self._finish(request_id, "abort", emit=False)
+            try:
+                self._step()
+            except Exception as e:  # an engine bug must not leave requests hanging
+                log.exception("engine step failed")
+                for request_id in list(self._seqs):
+                    self._finish(request_id, "error", error=f"internal error: {e}")
+        for request_id in list(self._seqs):
+            self._finish(request_id, "abort", error="the server shut down before the request finished")
+
+    def _step(self) -> None:
+        decision = self.scheduler.schedule()
+        if decision is None:
+            return
+        self.steps += 1
+        if isinstance(decision, Prefill):
+            key, inputs = build_prefill(decision, self.buckets, self.max_seq_len, self.outputs.suppressed)
+            self.kv, out = self.table.get(key)(self.model.params, self.kv, inputs)
+            self._after_prefill(decision, jax.device_get(out))
+        else:
+            assert isinstance(decision, Decode)
+            key, inputs = build_decode(decision, self.buckets, self.max_seq_len, self.outputs.suppressed)
+            self.kv, out = self.table.get(key)(self.model.params, self.kv, inputs)
+            self._after_decode(decision, jax.device_get(out))
+
+    def _after_prefill(self, step: Prefill, out) -> None:
+        seq = step.seq
+        deltas = self.outputs.prompt_logprobs(seq, step, out.prompt)
+        self.scheduler.advance(seq, step.length)
+        if step.start + step.length < seq.length:
+            return  # more chunks to go
+        self._emit(seq, self.outputs.accept(seq, out.sample, 0, deltas))
+
+    def _after_decode(self, step: Decode, out) -> None:
+        for row, seq in enumerate(step.seqs):
+            self.scheduler.advance(seq, 1)
+            self._emit(seq, self.outputs.accept(seq, out.sample, row, None))
+
+    def _emit(self, seq: Sequence, delta: RequestOutput) -> None:
+        stream = self._streams.get(seq.request_id)
+        if delta.finish_reason is not None:
+            self.scheduler.remove(seq)
+            self._seqs.pop(seq.request_id, None)
+            self._streams.pop(seq.request_id, None)
+        if stream is not None:
+            stream.push(delta)
+
+    def _finish(self, request_id: str, reason: str, *, emit: bool = True, error: str | None = None) -> None:
+        seq = self._seqs.pop(request_id, None)
+        stream = self._streams.pop(request_id, None)
+        if seq is not None:
+            self.scheduler.remove(seq)
+        if emit and stream is not None and seq is not None:
+            stream.push(self.outputs.final(seq, reason, error))
+
+
+def plan_num_pages(model: LoadedModel, config: EngineConfig, buckets: Buckets) -> int:
+    """Size the pool: the budget minus the temporaries of the largest executable (by its own
+    memory analysis; compiled once with a minimal pool, which does not change them)."""
+    largest_prefill = max(buckets.prefill_keys(), key=lambda k: (k[2], k[3]))
+    probe = lower(model.cfg, model.dtype, config, buckets.max_pages + 1, largest_prefill).compile()
+    analysis = probe.memory_analysis()
+    temp = int(getattr(analysis, "temp_size_in_bytes", 0) or 0) if analysis is not None else 0
+    params_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(model.params))
+    budget = kv_budget_bytes(config.kv_memory_gb, config.kv_memory_fraction, params_bytes, temp)
+    pages = plan_pages(budget, kv_bytes_per_page(model.cfg, config.page_size, model.dtype), buckets.max_pages)
+    log.info("KV budget %.0f MiB after %.0f MiB of executable temporaries -> %d pages", budget / 2**20, temp / 2**20, pages)
+    return pages

@@ -1,0 +1,107 @@
+"""From sampled token ids to `RequestOutput` deltas: finish conditions (end tokens, stop token
+ids, stop strings, max_tokens, context length), incremental detokenization that never splits a
+UTF-8 character, stop strings that are never shown, and logprobs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from graph.api import RequestOutput, TokenLogprob
+from graph.scheduler import Prefill, Sequence
+from models.config import ModelConfig
+from models.tokenizer import IncrementalDetokenizer, StopMatcher, Tokenizer
+
+
+@dataclasses.dataclass
+class _State:
+    detok: IncrementalDetokenizer
+    stop: StopMatcher
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    first_sent: bool = False
+
+
+def _logprob(token: int, logprob: float, top_ids: np.ndarray, top_lps: np.ndarray, k: int) -> TokenLogprob:
+    top = tuple((int(i), float(lp)) for i, lp in zip(top_ids[:k], top_lps[:k], strict=True))
+    return TokenLogprob(int(token), float(logprob), top)
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Tokenizer, cfg: ModelConfig, max_seq_len: int):
+        self.tokenizer = tokenizer
+        self.eos_ids = frozenset(tokenizer.eos_token_ids) | frozenset(cfg.eos_token_ids)
+        self.max_seq_len = max_seq_len
+
+    def _state(self, seq: Sequence) -> _State:
+        if seq.state is None:
+            p = seq.params
+            detok = IncrementalDetokenizer(self.tokenizer, seq.prompt, skip_special_tokens=p.skip_special_tokens)
+            seq.state = _State(detok, StopMatcher(p.stop))
+        return seq.state
+
+    def suppressed(self, seq: Sequence) -> tuple[int, ...]:
+        """End tokens the sampler must not pick yet (before min_tokens)."""
+        if len(seq.output) >= seq.params.min_tokens:
+            return ()
+        return tuple(sorted(self.eos_ids | set(seq.params.stop_token_ids)))
+
+    def prompt_logprobs(self, seq: Sequence, step: Prefill, prompt) -> None:
+        """Collect the prompt logprobs a prefill chunk computed (the first token has none)."""
+        k = seq.params.prompt_logprobs
+        if k is None or seq.preemptions:
+            return
+        state = self._state(seq)
+        if state.prompt_logprobs is None:
+            state.prompt_logprobs = [None] * len(seq.prompt)
+        for i in range(step.length):
+            pos = step.start + i + 1
+            if pos < len(seq.prompt):
+                state.prompt_logprobs[pos] = _logprob(
+                    seq.prompt[pos], prompt.logprob[0, i], prompt.top_ids[0, i], prompt.top_logprobs[0, i], k
+                )
+
+    def accept(self, seq: Sequence, sample, row: int, _unused=None) -> RequestOutput:
+        """Append the token sampled for `row` and return the request's delta."""
+        p, state = seq.params, self._state(seq)
+        if p.max_tokens == 0:  # echo-only scoring: nothing is generated
+            return self._delta(seq, state, "", [], None, "length")
+        token = int(sample.token[row])
+        seq.output.append(token)
+        logprobs = None
+        if p.logprobs is not None:
+            logprobs = [_logprob(token, sample.logprob[row], sample.top_ids[row], sample.top_logprobs[row], p.logprobs)]
+        finish, text = None, ""
+        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            finish = "stop"  # the end token itself is not shown
+        else:
+            text, stopped = state.stop.feed(state.detok.feed(token))
+            finish = "stop" if stopped else None
+        if finish is None and (len(seq.output) >= p.max_tokens or seq.length >= self.max_seq_len):
+            finish = "length"
+        if finish is not None and not state.stop.stopped:
+            tail, stopped = state.stop.feed(state.detok.flush())
+            text += tail + ("" if stopped else state.stop.flush())
+        return self._delta(seq, state, text, [token], logprobs, finish)
+
+    def _delta(self, seq, state: _State, text, tokens, logprobs, finish) -> RequestOutput:
+        out = RequestOutput(
+            request_id=seq.request_id,
+            text=text,
+            token_ids=tokens,
+            logprobs=logprobs,
+            finish_reason=finish,
+            prompt_tokens=len(seq.prompt),
+            completion_tokens=len(seq.output),
+        )
+        if not state.first_sent:
+            state.first_sent = True
+            out.prompt_logprobs = state.prompt_logprobs
+        return out
+
+    def final(self, seq: Sequence, reason: str, error: str | None) -> RequestOutput:
+        """The closing delta of a request ended from outside (shutdown, engine error)."""
+        out = self._delta(seq, self._state(seq), "", [], None, reason)
+        out.error = error
+        return out

@@ -1,0 +1,73 @@
+"""The step function compiled into every executable: model forward over the paged KV cache,
+logits of each row's last real token, on-device sampling, and (prefill only) prompt logprobs.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from graph.api import MAX_TOP_LOGPROBS
+from graph.sampling import SampleOut, SamplingArrays, sample
+from models.config import ModelConfig
+from models.layers import KVCache, unembed
+
+
+class StepInputs(NamedTuple):
+    tokens: jax.Array  # i32 [B, T]
+    positions: jax.Array  # i32 [B, T]; -1 = padding
+    page_table: jax.Array  # i32 [B, W]
+    last_index: jax.Array  # i32 [B]: the t whose logits give the next token
+    sampling: SamplingArrays
+    history: jax.Array  # i32 [B, H]: prompt + output tokens so far, -1 padded (penalties)
+    prompt_len: jax.Array  # i32 [B]
+    next_tokens: jax.Array  # i32 [B, T]: the token after each position (prompt logprobs), -1 none
+    want_prompt_logprobs: jax.Array  # bool []
+
+
+class PromptLogprobs(NamedTuple):
+    logprob: jax.Array  # f32 [B, T]: log p(next_tokens[b, t] | tokens[b, :t+1])
+    top_ids: jax.Array  # i32 [B, T, MAX_TOP_LOGPROBS]
+    top_logprobs: jax.Array  # f32 [B, T, MAX_TOP_LOGPROBS]
+
+
+class StepOutputs(NamedTuple):
+    sample: SampleOut
+    prompt: PromptLogprobs | None  # prefill executables only
+
+
+def _prompt_logprobs(params, cfg: ModelConfig, h: jax.Array, next_tokens: jax.Array) -> PromptLogprobs:
+    logprobs = jax.nn.log_softmax(unembed(params, cfg, h), axis=-1)  # [B, T, V]
+    chosen = jnp.take_along_axis(logprobs, jnp.maximum(next_tokens, 0)[..., None], axis=-1)[..., 0]
+    top_lp, top_ids = jax.lax.top_k(logprobs, MAX_TOP_LOGPROBS)  # noqa: RUF059
+    return PromptLogprobs(chosen, top_ids.astype(jnp.int32), top_lp)
+
+
+def step(params, kv: KVCache, inp: StepInputs, *, cfg: ModelConfig, arch, prefill: bool):
+    """-> (kv, StepOutputs). `arch` is the model family module (models.llama / models.gemma)."""
+    h, kv = arch.hidden(params, cfg, inp.tokens, inp.positions, kv, inp.page_table)  # [B, T, D]
+    last = jnp.take_along_axis(h, inp.last_index[:, None, None], axis=1)[:, 0]  # [B, D]
+    logits = unembed(params, cfg, last)  # f32 [B, V]
+    sample_pos = jnp.take_along_axis(inp.positions, inp.last_index[:, None], axis=1)[:, 0] + 1
+    out = sample(logits, inp.sampling, sample_pos, inp.history, inp.prompt_len)
+    prompt = None
+    if prefill:
+        B, T = inp.tokens.shape
+        zeros = PromptLogprobs(
+            jnp.zeros((B, T), jnp.float32),
+            jnp.zeros((B, T, MAX_TOP_LOGPROBS), jnp.int32),
+            jnp.zeros((B, T, MAX_TOP_LOGPROBS), jnp.float32),
+        )
+        prompt = jax.lax.cond(
+            inp.want_prompt_logprobs,
+            lambda: _prompt_logprobs(params, cfg, h, inp.next_tokens),
+            lambda: zeros,
+        )
+    return kv, StepOutputs(out, prompt)
+
+
+def init_kv(shape: tuple[int, ...], dtype) -> KVCache:
+    """The empty page pool (compiled like every step, so a start from artifacts compiles nothing)."""
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
