@@ -37,6 +37,7 @@ class EngineConfig:
     min_prefill_tokens: int = 16  # smallest prefill bucket
     min_context_tokens: int = 256  # smallest decode context bucket
     kv_memory_gb: float | None = None  # KV pool size; default: a fraction of device memory
+    kv_pages: int | None = None  # fixed number of KV pages (overrides the memory budget)
     kv_memory_fraction: float = 0.8  # of what device memory the executables leave free (GPU/TPU)
     max_queue: int = 256  # waiting requests beyond this get QueueFullError
     dtype: str = "float32"  # float32 | bfloat16

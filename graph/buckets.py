@@ -61,13 +61,13 @@ class Buckets:
         return pick(self.context_pages, -(-tokens // self.page_size))
 
     def prefill_keys(self) -> list[tuple[str, int, int, int]]:
-        """(phase, batch, tokens, pages) of every prefill executable: a chunk of T tokens needs at
-        least T tokens of context."""
+        """(phase, batch, tokens, pages) of every prefill executable: a chunk padded to T tokens
+        has more real tokens than the next smaller bucket, and its context must hold those."""
         return [
             ("prefill", 1, t, p)
-            for t in self.prefill_tokens
+            for i, t in enumerate(self.prefill_tokens)
             for p in self.context_pages
-            if p * self.page_size >= t
+            if p * self.page_size > (self.prefill_tokens[i - 1] if i else 0)
         ]
 
     def decode_keys(self) -> list[tuple[str, int, int, int]]:

@@ -257,6 +257,8 @@ class Engine:
 def plan_num_pages(model: LoadedModel, config: EngineConfig, buckets: Buckets) -> int:
     """Size the pool: the budget minus the temporaries of the largest executable (by its own
     memory analysis; compiled once with a minimal pool, which does not change them)."""
+    if config.kv_pages is not None:
+        return plan_pages(config.kv_pages, 1, buckets.max_pages)
     largest_prefill = max(buckets.prefill_keys(), key=lambda k: (k[2], k[3]))
     probe = lower(model.cfg, model.dtype, config, buckets.max_pages + 1, largest_prefill).compile()
     analysis = probe.memory_analysis()

@@ -69,6 +69,7 @@ class Scheduler:
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         self._last_was_prefill = False
+        self.preemptions = 0  # total, for metrics and tests
 
     def pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_size)
@@ -107,6 +108,7 @@ class Scheduler:
         self._free(victim)
         victim.computed = 0
         victim.preemptions += 1
+        self.preemptions += 1
         self.waiting.appendleft(victim)
         return True
 

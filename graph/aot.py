@@ -1,0 +1,40 @@
+"""`python -m graph.aot --model M --out DIR [bucket options]`: compile the whole executable table
+ahead of time and write it (serialized executables + manifest.json) for `--aot-dir DIR`.
+
+The bucket options must be the ones the server will run with; the manifest records them with the
+model fingerprint, dtype, backend, device kind and count, jax/jaxlib versions and the memory
+analysis of every executable, and a server refuses an artifact that differs in any of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+from graph.api import EngineConfig
+from graph.buckets import Buckets
+from graph.cli import add_options, build
+from graph.engine import plan_num_pages
+from graph.executables import ExecutableTable
+from models.loader import load_model
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m graph.aot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="alias, Hugging Face directory, .gguf file or hub id")
+    parser.add_argument("--out", required=True, help="artifact directory to write")
+    add_options(parser, EngineConfig, skip=("aot_dir",), choices={"dtype": ("float32", "bfloat16")})
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = build(EngineConfig, vars(args))
+    started = time.monotonic()
+    model = load_model(args.model, config.dtype)
+    buckets = Buckets.from_config(config)
+    table = ExecutableTable.compile(model.cfg, model.dtype, config, buckets, plan_num_pages(model, config, buckets))
+    table.save(args.out, model.fingerprint)
+    print(f"wrote {len(table.executables)} executables to {args.out} in {time.monotonic() - started:.1f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Session fixtures shared by the engine and server tests: the real bundled model, loaded once,
+an offline engine over it with a small bucket set, and a tiny random model for fast engine
+mechanics (it borrows the real tokenizer so text paths run for real)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from graph.api import EngineConfig
+from models.loader import LoadedModel, load_model
+
+# Small buckets keep compilation short on a 2-core CI machine: 17 executables.
+SMALL = EngineConfig(max_batch=8, max_seq_len=256, max_prefill_tokens=128, min_context_tokens=128, kv_memory_gb=0.5)
+
+
+@pytest.fixture(scope="session")
+def smol_model() -> LoadedModel:
+    return load_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def smol_llm(smol_model):
+    from graph.offline import LLM
+
+    llm = LLM(smol_model, SMALL)
+    yield llm
+    llm.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(smol_model) -> LoadedModel:
+    from models.config import ModelConfig
+    from models.params import init_params
+
+    cfg = dataclasses.replace(
+        smol_model.cfg, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16
+    )
+    assert isinstance(cfg, ModelConfig)
+    return dataclasses.replace(smol_model, name="tiny", cfg=cfg, params=init_params(cfg, seed=1, scale=0.5), fingerprint="tiny0001")
+
+
+def hf_model_from_gguf(path):
+    """transformers' torch model (float32, eager attention) holding our dequantized GGUF weights."""
+    import torch
+    import transformers
+
+    from models.gguf import read_gguf
+
+    ckpt = read_gguf(path, progress=False)
+    cfg = transformers.AutoConfig.for_model(**ckpt.hf_config)
+    cfg._attn_implementation = "eager"
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    state = {k: torch.from_numpy(v.copy()) for k, v in ckpt.tensors.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all("lm_head" in m for m in missing), (missing, unexpected)
+    if missing:
+        model.tie_weights()
+    return model
+
+
+@pytest.fixture(scope="session")
+def smol_hf(smol_model):
+    return hf_model_from_gguf(smol_model.path)

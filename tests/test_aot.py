@@ -1,0 +1,105 @@
+"""Ahead-of-time artifacts: `python -m graph.aot` writes the whole table; an engine started from
+it compiles nothing (not even small eager computations) and starts faster than a cold start; an
+artifact made for something else is refused with a message saying what differs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from graph.api import EngineConfig
+from graph.buckets import Buckets
+from graph.executables import ArtifactMismatchError, ExecutableTable
+
+ROOT = Path(__file__).resolve().parent.parent
+BUCKET_ARGS = ["--max-batch", "2", "--max-seq-len", "128", "--max-prefill-tokens", "32", "--min-context-tokens", "128"]
+CONFIG = EngineConfig(max_batch=2, max_seq_len=128, max_prefill_tokens=32, min_context_tokens=128)
+
+START = textwrap.dedent(
+    """
+    import json, sys, time
+    t0 = time.monotonic()
+    import jax
+    events = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda e, d, **k: events.append(e) if "backend_compile" in e else None)
+    from graph.api import EngineConfig, SamplingParams
+    from graph.offline import LLM
+    config = EngineConfig(**json.loads(sys.argv[1]))
+    llm = LLM("smollm2-135m-instruct", config)
+    ready = time.monotonic() - t0
+    out = llm.generate(["The capital of France is"], SamplingParams(max_tokens=8, temperature=0))[0]
+    print(json.dumps({"compiles": len(events), "ready_s": ready, "text": out.text}))
+    """
+)
+
+
+def _start(config: EngineConfig) -> tuple[dict, str]:
+    env = {**os.environ, "JAX_LOG_COMPILES": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, "-c", START, json.dumps(dataclasses.asdict(config))],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("aot") / "smollm2"
+    cmd = [sys.executable, "-m", "graph.aot", "--model", "smollm2-135m-instruct", "--out", str(out), *BUCKET_ARGS]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "manifest.json").exists()
+    return out
+
+
+def test_start_from_artifact_compiles_nothing_and_is_faster(artifact):
+    cold, _ = _start(CONFIG)
+    warm, log = _start(dataclasses.replace(CONFIG, aot_dir=str(artifact)))
+    assert cold["compiles"] > 0  # the counter sees compilations when they happen
+    assert warm["compiles"] == 0
+    assert "Compiling" not in log
+    assert warm["text"] == cold["text"]
+    print(f"\ncold start {cold['ready_s']:.1f}s, start from artifact {warm['ready_s']:.1f}s")
+    assert warm["ready_s"] < cold["ready_s"]
+
+
+def test_manifest_describes_the_artifact(artifact):
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    for key in ("jax", "jaxlib", "backend", "device_kind", "device_count", "model_fingerprint", "dtype", "buckets"):
+        assert key in manifest
+    assert manifest["memory"]["decode_b2_t1_p8"]["temp_size_in_bytes"] > 0
+
+
+@pytest.mark.parametrize(
+    ("change", "what"),
+    [
+        ({"max_batch": 4}, "buckets"),
+        ({"dtype": "bfloat16"}, "dtype"),
+        ({"max_seq_len": 256}, "buckets"),
+    ],
+)
+def test_mismatched_artifact_is_refused(artifact, smol_model, change, what):
+    config = dataclasses.replace(CONFIG, **change)
+    with pytest.raises(ArtifactMismatchError, match=what):
+        ExecutableTable.load(artifact, smol_model.cfg, config.dtype, config, Buckets.from_config(config), smol_model.fingerprint)
+
+
+def test_artifact_for_another_model_or_jax_is_refused(artifact, smol_model, tmp_path):
+    buckets = Buckets.from_config(CONFIG)
+    with pytest.raises(ArtifactMismatchError, match="model_fingerprint"):
+        ExecutableTable.load(artifact, smol_model.cfg, "float32", CONFIG, buckets, "another-model")
+    other = tmp_path / "other"
+    other.mkdir()
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps({**manifest, "jax": "0.0.1"}))
+    with pytest.raises(ArtifactMismatchError, match="jax: artifact has '0.0.1'"):
+        ExecutableTable.load(other, smol_model.cfg, "float32", CONFIG, buckets, smol_model.fingerprint)

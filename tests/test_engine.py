@@ -1,0 +1,161 @@
+"""The compiled engine on the real bundled model: parity with transformers through the whole
+engine, batch independence, zero compilations while serving, page accounting, preemption."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+
+import jax
+import pytest
+
+from graph.api import EngineConfig, SamplingParams
+from graph.offline import LLM
+
+torch = pytest.importorskip("torch")
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "1, 2, 3, 5, 8, 13,",
+    "Photosynthesis is the process by which",
+    "The best way to learn a language is",
+    "Q: What is 12 times 12?\nA:",
+    "In 1969, astronauts",
+]
+GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+SEEDED = SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, seed=1234, ignore_eos=True)
+
+
+class CompileCounter:
+    """Counts XLA compilations (jax.monitoring's backend-compile events) while active."""
+
+    def __init__(self):
+        self.count = 0
+        self.active = False
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, event: str, duration: float, **kwargs) -> None:
+        if self.active and "backend_compile" in event:
+            self.count += 1
+
+
+@pytest.fixture(scope="module")
+def compiles():
+    return CompileCounter()
+
+
+def test_greedy_matches_transformers_64_tokens(smol_llm, smol_hf):
+    prompts = PROMPTS[:3]
+    # min_tokens, like transformers' min_new_tokens, keeps end tokens from being chosen
+    ours = smol_llm.generate(prompts, SamplingParams(max_tokens=64, temperature=0, min_tokens=64))
+    for prompt, c in zip(prompts, ours, strict=True):
+        ids = torch.tensor([c.prompt_token_ids])
+        ref = smol_hf.generate(ids, do_sample=False, max_new_tokens=64, min_new_tokens=64)[0, ids.shape[1] :]
+        assert c.token_ids == ref.tolist(), prompt
+
+
+@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+def test_output_does_not_depend_on_the_batch(smol_llm, params):
+    alone = [smol_llm.generate([p], params)[0].token_ids for p in PROMPTS]
+    together = [c.token_ids for c in smol_llm.generate(PROMPTS, params)]
+    assert together == alone
+
+    async def join_mid_flight():
+        engine, tok = smol_llm.engine, smol_llm.tokenizer
+        got: dict[int, list[int]] = {i: [] for i in range(len(PROMPTS))}
+
+        async def collect(i, stream):
+            async for out in stream:
+                got[i] += out.token_ids
+
+        first = [engine.submit(tok.encode(p), params) for p in PROMPTS[:4]]
+        tasks = [asyncio.create_task(collect(i, s)) for i, s in enumerate(first)]
+        while not all(len(got[i]) >= 3 for i in range(4)):  # the first four are decoding
+            await asyncio.sleep(0.01)
+        late = [engine.submit(tok.encode(p), params) for p in PROMPTS[4:]]
+        tasks += [asyncio.create_task(collect(4 + i, s)) for i, s in enumerate(late)]
+        await asyncio.gather(*tasks)
+        return [got[i] for i in range(len(PROMPTS))]
+
+    assert asyncio.run(join_mid_flight()) == alone
+
+
+def test_mixed_workload_compiles_nothing(smol_llm, compiles):
+    smol_llm.generate(["warm up"], GREEDY)
+    compiles.active = True
+    try:
+        rng = random.Random(0)
+        prompts = [" ".join(["word"] * rng.randint(1, 200)) for _ in range(10)]
+        params = [
+            SamplingParams(
+                max_tokens=rng.randint(1, 40),
+                temperature=rng.choice([0.0, 0.7, 1.3]),
+                top_k=rng.choice([0, 5]),
+                top_p=rng.choice([1.0, 0.9]),
+                min_p=rng.choice([0.0, 0.05]),
+                presence_penalty=rng.choice([0.0, 0.5]),
+                frequency_penalty=rng.choice([0.0, 0.3]),
+                repetition_penalty=rng.choice([1.0, 1.2]),
+                logit_bias=((rng.randrange(1000), 5.0),),
+                logprobs=rng.choice([None, 0, 5]),
+                prompt_logprobs=rng.choice([None, 2]),
+                min_tokens=rng.choice([0, 3]),
+                seed=rng.choice([None, 7]),
+            )
+            for _ in prompts
+        ]
+        out = smol_llm.generate(prompts, params)
+        assert all(c.finish_reason in ("stop", "length") for c in out)
+    finally:
+        compiles.active = False
+    assert compiles.count == 0
+
+
+def test_every_page_is_free_after_random_requests_and_aborts(tiny_model):
+    llm = LLM(tiny_model, EngineConfig(max_batch=8, max_seq_len=128, max_prefill_tokens=64, min_context_tokens=128))
+    engine, rng = llm.engine, random.Random(1)
+
+    async def one(i):
+        prompt = [rng.randrange(1, 1000) for _ in range(rng.randint(1, 100))]
+        stream = engine.submit(prompt, SamplingParams(max_tokens=rng.randint(1, 28), temperature=1.0, seed=i))
+        stop_after = rng.choice([None, 1, 3])
+        n = 0
+        async for _ in stream:
+            n += 1
+            if stop_after is not None and n >= stop_after:
+                await stream.aclose()
+                break
+
+    async def run():
+        await asyncio.gather(*(one(i) for i in range(200)))
+        for _ in range(100):  # aborts are applied by the step thread
+            if engine.stats()["running"] == 0 and engine.stats()["waiting"] == 0:
+                break
+            await asyncio.sleep(0.02)
+
+    asyncio.run(run())
+    stats = engine.stats()
+    llm.shutdown()
+    assert stats["pages_used"] == 0 and stats["pages_free"] == stats["pages_total"], stats
+
+
+def test_preemption_when_the_pool_is_too_small(smol_model, smol_llm):
+    # 12 usable pages of 16 tokens; 6 requests of up to ~50 tokens need 24: some must be preempted
+    config = EngineConfig(max_batch=8, max_seq_len=128, max_prefill_tokens=64, min_context_tokens=128, kv_pages=13)
+    llm = LLM(smol_model, config)
+    try:
+        params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+        expected = [c.token_ids for c in smol_llm.generate(PROMPTS[:6], params)]
+        got = llm.generate(PROMPTS[:6], params)
+        assert llm.engine.scheduler.preemptions > 0
+        assert [c.token_ids for c in got] == expected
+        assert llm.engine.stats()["pages_used"] == 0
+    finally:
+        llm.shutdown()
+
+
+def test_engine_thread_is_named_and_daemon(smol_llm):
+    assert any(t.name == "engine-step" and t.daemon for t in threading.enumerate())
