@@ -119,7 +119,9 @@ class Engine:
         if config.aot_dir:
             table = ExecutableTable.load(config.aot_dir, model.cfg, model.dtype, config, buckets, model.fingerprint)
         else:
-            table = ExecutableTable.compile(model.cfg, model.dtype, config, buckets, plan_num_pages(model, config, buckets))
+            table = ExecutableTable.compile(
+                model.cfg, model.dtype, config, buckets, plan_num_pages(model, config, buckets)
+            )
         return cls(model, config, table)
 
     # ---- the async front ----
@@ -266,5 +268,7 @@ def plan_num_pages(model: LoadedModel, config: EngineConfig, buckets: Buckets) -
     params_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(model.params))
     budget = kv_budget_bytes(config.kv_memory_gb, config.kv_memory_fraction, params_bytes, temp)
     pages = plan_pages(budget, kv_bytes_per_page(model.cfg, config.page_size, model.dtype), buckets.max_pages)
-    log.info("KV budget %.0f MiB after %.0f MiB of executable temporaries -> %d pages", budget / 2**20, temp / 2**20, pages)
+    log.info(
+        "KV budget %.0f MiB after %.0f MiB of executable temporaries -> %d pages", budget / 2**20, temp / 2**20, pages
+    )
     return pages

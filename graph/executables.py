@@ -163,7 +163,13 @@ class ExecutableTable:
 
     @classmethod
     def load(
-        cls, directory: str | Path, cfg: ModelConfig, dtype: str, config: EngineConfig, buckets: Buckets, fingerprint: str
+        cls,
+        directory: str | Path,
+        cfg: ModelConfig,
+        dtype: str,
+        config: EngineConfig,
+        buckets: Buckets,
+        fingerprint: str,
     ) -> ExecutableTable:
         directory = Path(directory)
         manifest = read_manifest(directory)
@@ -207,7 +213,9 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     try:
         return json.loads((directory / MANIFEST).read_text())
     except FileNotFoundError:
-        raise ArtifactMismatchError(f"{directory}: no {MANIFEST}: not an artifact directory (make one with python -m graph.aot)") from None
+        raise ArtifactMismatchError(
+            f"{directory}: no {MANIFEST}: not an artifact directory (make one with python -m graph.aot)"
+        ) from None
 
 
 def _jsonable(x: Any) -> Any:

@@ -1,7 +1,7 @@
 """The offline Python API: generate a batch of prompts without HTTP.
 
-    llm = LLM("smollm2-135m-instruct", EngineConfig(max_batch=8, max_seq_len=512))
-    [c.text for c in llm.generate(["Hello"], SamplingParams(max_tokens=32, temperature=0))]
+llm = LLM("smollm2-135m-instruct", EngineConfig(max_batch=8, max_seq_len=512))
+[c.text for c in llm.generate(["Hello"], SamplingParams(max_tokens=32, temperature=0))]
 """
 
 from __future__ import annotations

@@ -141,11 +141,19 @@ def sample(
     token = jnp.where(s.temperature > 0, drawn, greedy)
     logprob = jnp.take_along_axis(model_logprobs, token[:, None], axis=1)[:, 0]
     top_lp, top_ids = jax.lax.cond(
-        jnp.any(s.want_top),
-        lambda: tuple(jax.lax.top_k(model_logprobs, MAX_TOP_LOGPROBS)),
-        lambda: (
-            jnp.zeros((logits.shape[0], MAX_TOP_LOGPROBS), jnp.float32),
-            jnp.zeros((logits.shape[0], MAX_TOP_LOGPROBS), jnp.int32),
-        ),
+        jnp.any(s.want_top), lambda: top_alternatives(model_logprobs), lambda: _no_top(logits)
     )
-    return SampleOut(token, logprob, top_ids.astype(jnp.int32), top_lp)
+    return SampleOut(token, logprob, top_ids, top_lp)
+
+
+def top_alternatives(logprobs: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The MAX_TOP_LOGPROBS best (logprob, id) along the last axis (padded if the vocab is smaller)."""
+    k = min(MAX_TOP_LOGPROBS, logprobs.shape[-1])
+    lp, ids = jax.lax.top_k(logprobs, k)
+    pad = [(0, 0)] * (lp.ndim - 1) + [(0, MAX_TOP_LOGPROBS - k)]
+    return jnp.pad(lp, pad, constant_values=_NEG), jnp.pad(ids.astype(jnp.int32), pad)
+
+
+def _no_top(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    shape = (*logits.shape[:-1], MAX_TOP_LOGPROBS)
+    return jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.int32)

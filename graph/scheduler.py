@@ -99,11 +99,11 @@ class Scheduler:
             seq.pages += self.allocator.allocate(need)
             self.running.append(self.waiting.popleft())
 
-    def _preempt_youngest(self, keep: Sequence) -> bool:
-        victims = [s for s in self.running if s is not keep]
-        if not victims:
+    def _preempt_youngest(self) -> bool:
+        """Preempt the youngest running sequence (possibly the one asking for a page)."""
+        if len(self.running) <= 1:
             return False
-        victim = max(victims, key=lambda s: s.arrival)
+        victim = max(self.running, key=lambda s: s.arrival)
         self.running.remove(victim)
         self._free(victim)
         victim.computed = 0
@@ -117,14 +117,13 @@ class Scheduler:
         the pool is empty. Returns the sequences that can decode this step (oldest first)."""
         ready = []
         for seq in sorted(seqs, key=lambda s: s.arrival):
-            if seq not in self.running:
-                continue  # preempted to make room for an older one
-            while self.pages_for(seq.computed + 1) > len(seq.pages):
-                if self.allocator.num_free == 0 and not self._preempt_youngest(keep=seq):
-                    raise RuntimeError("KV pool cannot hold a single sequence")  # excluded at start-up
+            while seq in self.running and self.pages_for(seq.computed + 1) > len(seq.pages):
                 if self.allocator.num_free:
                     seq.pages += self.allocator.allocate(1)
-            ready.append(seq)
+                elif not self._preempt_youngest():
+                    raise RuntimeError("KV pool cannot hold a single sequence")  # excluded at start-up
+            if seq in self.running:
+                ready.append(seq)
         return [s for s in ready if s in self.running]
 
     def schedule(self) -> Prefill | Decode | None:

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from graph.api import MAX_TOP_LOGPROBS
-from graph.sampling import SampleOut, SamplingArrays, sample
+from graph.sampling import SampleOut, SamplingArrays, sample, top_alternatives
 from models.config import ModelConfig
 from models.layers import KVCache, unembed
 
@@ -41,8 +41,8 @@ class StepOutputs(NamedTuple):
 def _prompt_logprobs(params, cfg: ModelConfig, h: jax.Array, next_tokens: jax.Array) -> PromptLogprobs:
     logprobs = jax.nn.log_softmax(unembed(params, cfg, h), axis=-1)  # [B, T, V]
     chosen = jnp.take_along_axis(logprobs, jnp.maximum(next_tokens, 0)[..., None], axis=-1)[..., 0]
-    top_lp, top_ids = jax.lax.top_k(logprobs, MAX_TOP_LOGPROBS)  # noqa: RUF059
-    return PromptLogprobs(chosen, top_ids.astype(jnp.int32), top_lp)
+    top_lp, top_ids = top_alternatives(logprobs)
+    return PromptLogprobs(chosen, top_ids, top_lp)
 
 
 def step(params, kv: KVCache, inp: StepInputs, *, cfg: ModelConfig, arch, prefill: bool):

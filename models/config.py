@@ -76,8 +76,7 @@ class ModelConfig:
             return cls.from_hf({**d["text_config"], "model_type": "gemma3_text"}, source=source)
         if model_type not in SUPPORTED_TYPES:
             raise ModelLoadError(
-                f"{source}: unsupported architecture {model_type!r} "
-                f"(supported: {', '.join(SUPPORTED_TYPES)})"
+                f"{source}: unsupported architecture {model_type!r} (supported: {', '.join(SUPPORTED_TYPES)})"
             )
         if model_type == "gemma3":
             model_type = "gemma3_text"

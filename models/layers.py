@@ -143,9 +143,7 @@ def attention(
         k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps, plus_one)
     cos, sin = rope
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    kv = KVCache(
-        write_kv(kv.k, layer, k, page_table, positions), write_kv(kv.v, layer, v, page_table, positions)
-    )
+    kv = KVCache(write_kv(kv.k, layer, k, page_table, positions), write_kv(kv.v, layer, v, page_table, positions))
     out = paged_attention(
         q,
         kv,

@@ -22,7 +22,6 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-
 from models import architecture
 from models.config import ModelConfig
 from models.errors import ModelLoadError

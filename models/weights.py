@@ -140,7 +140,9 @@ def assemble_params(
     missing = [k for k in flat_specs if (k, None) not in seen]
     missing += [f"layers.{i}.{k}" for k in layer_specs for i in range(cfg.num_layers) if (k, i) not in seen]
     if missing:
-        raise ModelLoadError(f"{source}: missing weights for {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+        raise ModelLoadError(
+            f"{source}: missing weights for {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"
+        )
     log.info("loaded %d tensors in %.1fs", count, time.monotonic() - started)
     tree = {**out, "layers": layers}
     return jax.tree.map(lambda a: jnp.asarray(a, dtype), tree)

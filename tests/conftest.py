@@ -38,7 +38,9 @@ def tiny_model(smol_model) -> LoadedModel:
         smol_model.cfg, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16
     )
     assert isinstance(cfg, ModelConfig)
-    return dataclasses.replace(smol_model, name="tiny", cfg=cfg, params=init_params(cfg, seed=1, scale=0.5), fingerprint="tiny0001")
+    return dataclasses.replace(
+        smol_model, name="tiny", cfg=cfg, params=init_params(cfg, seed=1, scale=0.5), fingerprint="tiny0001"
+    )
 
 
 def hf_model_from_gguf(path):

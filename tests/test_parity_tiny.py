@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from models import architecture
 from models.config import ModelConfig
 from models.layers import KVCache
-from models import architecture
 from models.safetensors_io import iter_tensors, safetensors_files
 from models.weights import assemble_params
 
@@ -119,7 +119,9 @@ def test_prefill_batch_matches_transformers(tiny):
         tokens[b, : len(p)] = p
         positions[b, : len(p)] = np.arange(len(p))
     kv, table = _empty_cache(cfg, len(PROMPTS))
-    logits, _ = jax.jit(architecture(cfg).forward, static_argnums=1)(params, cfg, jnp.asarray(tokens), jnp.asarray(positions), kv, table)
+    logits, _ = jax.jit(architecture(cfg).forward, static_argnums=1)(
+        params, cfg, jnp.asarray(tokens), jnp.asarray(positions), kv, table
+    )
     for b, p in enumerate(PROMPTS):
         ref = _hf_logits(model, p)
         assert _rel_err(np.asarray(logits[b, : len(p)]), ref) < 1e-4

@@ -1,0 +1,353 @@
+"""The scheduler and the page allocator against a fake model whose outputs can be worked out by
+hand: the next token is (last token + 1) % 100, so a request with prompt [..., 7] and max_tokens 3
+answers [8, 9, 10] however it was batched, chunked or preempted.
+
+The fake model also stands in for the paged KV cache: every fed token is written into a pool of
+pages through the sequence's page list, and the whole context is read back through it, so a page
+that two live sequences share, or a cache that survives a preemption it should not, fails loudly.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from graph.api import SamplingParams
+from graph.kv_cache import PageAllocator
+from graph.scheduler import Decode, Prefill, Scheduler, Sequence
+
+
+def expected(prompt: list[int], max_tokens: int) -> list[int]:
+    return [(prompt[-1] + i) % 100 for i in range(1, max_tokens + 1)]
+
+
+class FakeModel:
+    def __init__(self, num_pages: int, page_size: int):
+        self.page_size = page_size
+        self.pool: list[list[tuple[str, int] | None]] = [[None] * page_size for _ in range(num_pages)]
+
+    def _slot(self, seq: Sequence, pos: int) -> tuple[int, int]:
+        page = seq.pages[pos // self.page_size]  # IndexError: the scheduler gave too few pages
+        assert page != 0, "page 0 is scratch"
+        return page, pos % self.page_size
+
+    def feed(self, seq: Sequence, start: int, n: int) -> int:
+        """Write tokens [start, start + n) into the cache and return the token after them."""
+        assert start == seq.computed and 0 < n <= seq.pending
+        for pos in range(start, start + n):
+            page, slot = self._slot(seq, pos)
+            self.pool[page][slot] = (seq.request_id, seq.tokens[pos])
+        context = [self.pool[p][s] for p, s in (self._slot(seq, pos) for pos in range(start + n))]
+        assert context == [(seq.request_id, t) for t in seq.tokens[: start + n]], seq.request_id
+        return (context[-1][1] + 1) % 100
+
+
+class Driver:
+    """The engine's step loop (graph/engine.py) with the fake model in place of the executables."""
+
+    def __init__(self, usable_pages: int, *, page_size: int, max_batch: int, max_prefill_tokens: int):
+        self.allocator = PageAllocator(usable_pages + 1)
+        self.scheduler = Scheduler(
+            self.allocator, page_size=page_size, max_batch=max_batch, max_prefill_tokens=max_prefill_tokens
+        )
+        self.model = FakeModel(usable_pages + 1, page_size)
+        self.trace: list[tuple] = []
+        self.finished: dict[str, list[int]] = {}
+
+    def add(self, request_id: str, prompt: list[int], max_tokens: int) -> Sequence:
+        seq = Sequence(request_id, list(prompt), SamplingParams(max_tokens=max_tokens), seed=0)
+        self.scheduler.add(seq)
+        return seq
+
+    def step(self) -> Prefill | Decode | None:
+        d = self.scheduler.schedule()
+        if isinstance(d, Prefill):
+            seq = d.seq
+            self.trace.append(("P", seq.request_id, d.start, d.length))
+            token = self.model.feed(seq, d.start, d.length)
+            self.scheduler.advance(seq, d.length)
+            if d.start + d.length == seq.length:  # the last chunk samples the next token
+                self._accept(seq, token)
+        elif isinstance(d, Decode):
+            self.trace.append(("D", *(s.request_id for s in d.seqs)))
+            assert all(s.pending == 1 for s in d.seqs)
+            tokens = [self.model.feed(s, s.computed, 1) for s in d.seqs]  # one batched step
+            for seq, token in zip(d.seqs, tokens, strict=True):
+                self.scheduler.advance(seq, 1)
+                self._accept(seq, token)
+        self.check_pages()
+        return d
+
+    def _accept(self, seq: Sequence, token: int) -> None:
+        seq.output.append(token)
+        if len(seq.output) >= seq.params.max_tokens:
+            self.scheduler.remove(seq)
+            self.finished[seq.request_id] = list(seq.output)
+
+    def run(self, max_steps: int = 1000) -> list[tuple]:
+        for _ in range(max_steps):
+            if not self.scheduler.num_unfinished:
+                return self.trace
+            assert self.step() is not None, "unfinished requests but nothing scheduled"
+        raise AssertionError("did not finish")
+
+    def check_pages(self) -> None:
+        live = list(self.scheduler.running) + list(self.scheduler.waiting)
+        owned = [p for s in live for p in s.pages]
+        assert len(owned) == len(set(owned)), "a page is owned by two live sequences"
+        assert 0 not in owned
+        assert self.allocator.num_used == len(owned)
+        assert all(not s.pages for s in self.scheduler.waiting)
+        assert len(self.scheduler.running) <= self.scheduler.max_batch
+
+
+# ---- the page allocator ----
+
+
+def test_allocator_hands_out_low_pages_first_and_never_the_scratch_page():
+    a = PageAllocator(5)
+    assert (a.num_free, a.num_used) == (4, 0)
+    assert a.allocate(3) == [1, 2, 3]
+    assert (a.num_free, a.num_used) == (1, 3)
+    assert a.allocate(1) == [4]
+    assert a.allocate(0) == []
+    with pytest.raises(MemoryError, match="1 pages requested, 0 free"):
+        a.allocate(1)
+
+
+def test_allocator_refuses_more_pages_than_are_free_without_taking_any():
+    a = PageAllocator(4)
+    with pytest.raises(MemoryError):
+        a.allocate(4)
+    assert a.num_free == 3
+    assert a.allocate(3) == [1, 2, 3]
+
+
+def test_allocator_free_returns_pages_for_reuse():
+    a = PageAllocator(4)
+    pages = a.allocate(2)
+    a.free(pages)
+    assert (a.num_free, a.num_used) == (3, 0)
+    assert sorted(a.allocate(3)) == [1, 2, 3]
+
+
+def test_shared_pages_return_to_the_pool_with_their_last_reference():
+    a = PageAllocator(4)
+    pages = a.allocate(2)
+    a.share(pages)
+    a.share(pages[:1])
+    a.free(pages)
+    assert a.num_free == 1  # both still referenced
+    a.free(pages)
+    assert a.num_free == 2  # pages[1] is back, pages[0] has one more reference
+    a.free(pages[:1])
+    assert a.num_free == 3
+    with pytest.raises(RuntimeError, match="freed twice"):
+        a.free(pages[:1])
+
+
+def test_double_free_and_freeing_a_never_allocated_page_are_errors():
+    a = PageAllocator(4)
+    (page,) = a.allocate(1)
+    a.free([page])
+    with pytest.raises(RuntimeError, match=f"page {page} freed twice"):
+        a.free([page])
+    with pytest.raises(RuntimeError, match="page 3 freed twice"):
+        a.free([3])
+    assert a.num_free == 3
+
+
+def test_allocator_needs_a_page_besides_scratch():
+    with pytest.raises(ValueError):
+        PageAllocator(1)
+
+
+# ---- scheduling decisions, worked out by hand ----
+
+
+def test_admission_waits_for_free_pages():
+    d = Driver(4, page_size=4, max_batch=4, max_prefill_tokens=16)
+    a = d.add("a", [1, 2, 3, 4, 5, 6, 7, 8], max_tokens=3)  # 2 pages
+    b = d.add("b", list(range(20, 32)), max_tokens=1)  # 3 pages: only 2 are left
+    d.step()
+    assert d.scheduler.running == [a] and list(d.scheduler.waiting) == [b]
+    assert a.pages == [1, 2] and b.pages == [] and d.allocator.num_free == 2
+    d.step()  # a's 9th token needs a third page: 1 left, still not enough for b
+    assert list(d.scheduler.waiting) == [b] and d.allocator.num_free == 1 and a.pages == [1, 2, 3]
+    assert d.run() == [("P", "a", 0, 8), ("D", "a"), ("D", "a"), ("P", "b", 0, 12)]
+    assert d.finished == {"a": [9, 10, 11], "b": [32]}
+    assert d.allocator.num_free == 4
+
+
+def test_max_batch_bounds_the_running_set_and_the_decode_batch():
+    d = Driver(16, page_size=4, max_batch=2, max_prefill_tokens=16)
+    for name, last in (("a", 10), ("b", 20), ("c", 30)):
+        d.add(name, [last - 1, last], max_tokens=3)
+    assert d.run() == [
+        ("P", "a", 0, 2),
+        ("D", "a"),
+        ("P", "b", 0, 2),
+        ("D", "a", "b"),  # a is done: c is admitted
+        ("P", "c", 0, 2),
+        ("D", "b", "c"),
+        ("D", "c"),
+    ]
+    assert d.finished == {"a": [11, 12, 13], "b": [21, 22, 23], "c": [31, 32, 33]}
+
+
+def test_a_one_token_prompt_needs_no_prefill():
+    d = Driver(4, page_size=4, max_batch=4, max_prefill_tokens=16)
+    d.add("a", [41], max_tokens=3)
+    assert d.run() == [("D", "a"), ("D", "a"), ("D", "a")]
+    assert d.finished == {"a": [42, 43, 44]}
+
+
+def test_long_prompts_are_prefilled_in_chunks_of_max_prefill_tokens():
+    d = Driver(8, page_size=4, max_batch=4, max_prefill_tokens=4)
+    d.add("a", list(range(11)), max_tokens=2)
+    assert d.run() == [("P", "a", 0, 4), ("P", "a", 4, 4), ("P", "a", 8, 3), ("D", "a")]
+    assert d.finished == {"a": [11, 12]}
+
+
+def test_prefill_chunks_and_decode_steps_alternate_while_both_have_work():
+    d = Driver(16, page_size=4, max_batch=4, max_prefill_tokens=4)
+    d.add("a", [1, 2], max_tokens=8)
+    d.add("b", list(range(11)), max_tokens=1)
+    assert d.run() == [
+        ("P", "a", 0, 2),
+        ("D", "a"),
+        ("P", "b", 0, 4),
+        ("D", "a"),
+        ("P", "b", 4, 4),
+        ("D", "a"),
+        ("P", "b", 8, 3),  # b's only token: done
+        ("D", "a"),
+        ("D", "a"),
+        ("D", "a"),
+        ("D", "a"),
+    ]
+    assert d.finished == {"a": [3, 4, 5, 6, 7, 8, 9, 10], "b": [11]}
+
+
+def test_the_youngest_is_preempted_and_resumes_where_it_was():
+    d = Driver(3, page_size=2, max_batch=4, max_prefill_tokens=8)
+    a = d.add("a", [10, 11, 12], max_tokens=3)  # 2 pages
+    b = d.add("b", [50], max_tokens=3)  # 1 page: the pool is full
+    d.step()
+    d.step()
+    assert d.trace == [("P", "a", 0, 3), ("D", "a", "b")]
+    d.step()  # a's 5th token needs a page: b, the youngest, gives its page up
+    assert d.trace[-1] == ("D", "a") and "a" in d.finished
+    assert b.preemptions == 1 and a.preemptions == 0 and b.output == [51]
+    assert d.run() == [
+        ("P", "a", 0, 3),
+        ("D", "a", "b"),
+        ("D", "a"),
+        ("P", "b", 0, 2),  # prompt and output so far are prefilled again
+        ("D", "b"),
+    ]
+    assert d.finished == {"a": [13, 14, 15], "b": [51, 52, 53]}
+    assert d.allocator.num_free == 3
+
+
+def test_the_youngest_is_preempted_even_when_it_is_the_one_that_needs_a_page():
+    """When the youngest running sequence needs a page and none is free, it must give up its own
+    pages (vLLM's policy; "preemption of the youngest request" in graph/scheduler.py), not take
+    them from an older sequence whose cache is then thrown away."""
+    d = Driver(2, page_size=4, max_batch=4, max_prefill_tokens=8)
+    a = d.add("a", [10, 11], max_tokens=6)  # 1 page
+    b = d.add("b", [20, 21, 22, 23], max_tokens=4)  # 1 page: the pool is full
+    for _ in range(3):
+        d.step()
+    assert d.trace == [("P", "a", 0, 2), ("D", "a"), ("P", "b", 0, 4)]
+    d.step()  # b's 5th token needs a second page; a (4 tokens) still fits its own
+    assert (a.preemptions, b.preemptions) == (0, 1)
+    assert d.trace[-1] == ("D", "a")
+    assert d.run() == [
+        ("P", "a", 0, 2),
+        ("D", "a"),
+        ("P", "b", 0, 4),
+        ("D", "a"),  # b gave its page up: it waits, at the head of the queue
+        ("D", "a"),
+        ("D", "a"),
+        ("D", "a"),  # a is done
+        ("P", "b", 0, 5),
+        ("D", "b"),
+        ("D", "b"),
+    ]
+    assert d.finished == {"a": expected([11], 6), "b": expected([23], 4)}
+
+
+def test_preempted_sequences_end_with_the_output_they_would_have_had_alone():
+    d = Driver(6, page_size=2, max_batch=4, max_prefill_tokens=4)
+    prompts = {"a": [1, 2, 3], "b": [40, 41], "c": [70, 71, 72, 73, 74], "d": [90]}
+    seqs = [d.add(name, prompt, max_tokens=6) for name, prompt in prompts.items()]
+    d.run()
+    assert sum(s.preemptions for s in seqs) > 0
+    assert d.finished == {name: expected(prompt, 6) for name, prompt in prompts.items()}
+    assert d.allocator.num_free == 6
+
+
+def test_removing_a_sequence_frees_its_pages_at_once_and_admits_the_next():
+    d = Driver(3, page_size=4, max_batch=4, max_prefill_tokens=16)
+    a = d.add("a", list(range(8)), max_tokens=50)
+    b = d.add("b", list(range(8)), max_tokens=1)
+    d.step()
+    assert d.scheduler.running == [a] and list(d.scheduler.waiting) == [b]
+    d.scheduler.remove(a)  # aborted
+    assert a.pages == [] and d.allocator.num_free == 3
+    d.scheduler.remove(a)  # a second removal is harmless
+    assert d.run() == [("P", "a", 0, 8), ("P", "b", 0, 8)]
+    assert d.finished == {"b": [8]}
+
+
+def test_removing_a_waiting_sequence_takes_it_off_the_queue():
+    d = Driver(3, page_size=4, max_batch=4, max_prefill_tokens=16)
+    d.add("a", list(range(8)), max_tokens=2)
+    b = d.add("b", list(range(8)), max_tokens=2)
+    d.step()
+    assert list(d.scheduler.waiting) == [b]
+    d.scheduler.remove(b)
+    assert not d.scheduler.waiting
+    assert d.run() == [("P", "a", 0, 8), ("D", "a")]
+    assert d.finished == {"a": [8, 9]}
+    assert d.allocator.num_free == 3
+
+
+# ---- a random workload ----
+
+
+def test_random_workload_with_aborts_frees_every_page_and_answers_correctly():
+    rng = random.Random(20240611)
+    usable = 24
+    d = Driver(usable, page_size=4, max_batch=6, max_prefill_tokens=8)
+    seqs: dict[str, Sequence] = {}
+    aborted: set[str] = set()
+    preempted = 0
+    for step in range(100_000):
+        if len(seqs) < 200 and rng.random() < 0.4:
+            name = f"r{len(seqs)}"
+            prompt = [rng.randrange(100) for _ in range(rng.randint(1, 40))]
+            seqs[name] = d.add(name, prompt, max_tokens=rng.randint(1, 40))  # at most 80 tokens = 20 pages
+        live = [n for n, s in seqs.items() if n not in d.finished and n not in aborted]
+        if live and rng.random() < 0.02:
+            name = rng.choice(live)
+            d.scheduler.remove(seqs[name])
+            aborted.add(name)
+        if not d.scheduler.num_unfinished:
+            if len(seqs) == 200:
+                break
+            continue
+        decision = d.step()
+        assert decision is not None, f"step {step}: unfinished requests but nothing scheduled"
+        preempted = sum(s.preemptions for s in seqs.values())
+    else:
+        raise AssertionError("the workload did not finish")
+    assert len(seqs) == 200 and 10 < len(aborted) < 100
+    assert preempted > 10, "the workload should exercise preemption"
+    assert set(d.finished) | aborted == set(seqs) and not set(d.finished) & aborted
+    for name, out in d.finished.items():
+        assert out == expected(seqs[name].prompt, seqs[name].params.max_tokens), name
+    assert d.allocator.num_free == usable and d.allocator.num_used == 0
+    assert all(s.pages == [] for s in seqs.values())
