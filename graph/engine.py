@@ -41,6 +41,7 @@ from graph.kv_cache import PageAllocator, kv_budget_bytes, plan_pages
 from graph.outputs import OutputProcessor
 from graph.scheduler import Decode, Prefill, Scheduler, Sequence
 from models.loader import LoadedModel
+from models.params import unroll_layers
 
 log = logging.getLogger("graph.engine")
 
@@ -90,6 +91,7 @@ class Engine:
             max_prefill_tokens=self.buckets.prefill_tokens[-1],
         )
         self.outputs = OutputProcessor(model.tokenizer, model.cfg, config.max_seq_len)
+        self.params = unroll_layers(model.params) if config.layer_loop == "unroll" else model.params
         self.kv = table.get(INIT_KV)()
         self._lock = threading.Condition()
         self._inbox: list[tuple[Sequence, RequestStream]] = []
@@ -217,12 +219,12 @@ class Engine:
         self.steps += 1
         if isinstance(decision, Prefill):
             key, inputs = build_prefill(decision, self.buckets, self.max_seq_len, self.outputs.suppressed)
-            self.kv, out = self.table.get(key)(self.model.params, self.kv, inputs)
+            self.kv, out = self.table.get(key)(self.params, self.kv, inputs)
             self._after_prefill(decision, jax.device_get(out))
         else:
             assert isinstance(decision, Decode)
             key, inputs = build_decode(decision, self.buckets, self.max_seq_len, self.outputs.suppressed)
-            self.kv, out = self.table.get(key)(self.model.params, self.kv, inputs)
+            self.kv, out = self.table.get(key)(self.params, self.kv, inputs)
             self._after_decode(decision, jax.device_get(out))
 
     def _after_prefill(self, step: Prefill, out) -> None:

@@ -7,10 +7,12 @@ that is not in the table is a loud error: nothing is ever compiled while serving
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import json
 import logging
+import os
 import pickle
 import time
 from pathlib import Path
@@ -96,7 +98,7 @@ def lower(cfg: ModelConfig, dtype: str, config: EngineConfig, num_pages: int, ke
     fn = functools.partial(step, cfg=cfg, arch=architecture(cfg), prefill=key[0] == "prefill")
     kv = init_kv_abstract(shape, jdtype)
     return jax.jit(fn, donate_argnums=(1,)).lower(
-        abstract_params(cfg, jdtype), kv, abstract_inputs(key, config.max_seq_len)
+        abstract_params(cfg, jdtype, config.layer_loop == "unroll"), kv, abstract_inputs(key, config.max_seq_len)
     )
 
 
@@ -122,11 +124,18 @@ class ExecutableTable:
         started = time.monotonic()
         log.info("compiling %d executables (%s, %d KV pages)", len(keys), dtype, num_pages)
         executables, memory = {}, {}
-        for i, key in enumerate(keys, 1):
+        lowered = [(key, lower(cfg, dtype, config, num_pages, key)) for key in keys]
+
+        def compile_one(item):
+            key, computation = item
             t0 = time.monotonic()
-            compiled = lower(cfg, dtype, config, num_pages, key).compile()
-            executables[key], memory[key] = compiled, _memory(compiled)
-            log.info("compiled %d/%d %s in %.1fs", i, len(keys), _name(key), time.monotonic() - t0)
+            return key, computation.compile(), time.monotonic() - t0
+
+        # XLA compiles outside the GIL: one compilation per core
+        with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            for i, (key, compiled, seconds) in enumerate(pool.map(compile_one, lowered), 1):
+                executables[key], memory[key] = compiled, _memory(compiled)
+                log.info("compiled %d/%d %s in %.1fs", i, len(keys), _name(key), seconds)
         log.info("compiled %d executables in %.1fs", len(keys), time.monotonic() - started)
         return cls(cfg, dtype, config, buckets, num_pages, executables, memory)
 
@@ -149,6 +158,7 @@ class ExecutableTable:
             "dtype": self.dtype,
             "buckets": dataclasses.asdict(self.buckets),
             "max_seq_len": self.config.max_seq_len,
+            "layer_loop": self.config.layer_loop,
             "num_pages": self.num_pages,
             "memory": {_name(k): v for k, v in self.memory.items()},
         }
@@ -183,6 +193,7 @@ class ExecutableTable:
             "dtype": dtype,
             "buckets": dataclasses.asdict(buckets),
             "max_seq_len": config.max_seq_len,
+            "layer_loop": config.layer_loop,
         }
         differ = [
             f"{k}: artifact has {manifest.get(k)!r}, this server {v!r}"

@@ -203,7 +203,13 @@ def decoder(
         return (h, kv), None
 
     layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    (h, kv), _ = jax.lax.scan(step, (h, kv), (params["layers"], layer_ids, sliding, windows))
+    if isinstance(params["layers"], list):  # per-layer buffers, unrolled (see models/params.py)
+        carry = (h, kv)
+        for i, lp in enumerate(params["layers"]):
+            carry, _ = step(carry, (lp, i, cfg.sliding_flags[i], windows[i]))
+        h, kv = carry
+    else:
+        (h, kv), _ = jax.lax.scan(step, (h, kv), (params["layers"], layer_ids, sliding, windows))
     return rms_norm(h, params["final_norm"], cfg.rms_norm_eps, cfg.family == "gemma"), kv
 
 
