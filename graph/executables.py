@@ -97,9 +97,11 @@ def lower(cfg: ModelConfig, dtype: str, config: EngineConfig, num_pages: int, ke
         return jax.jit(functools.partial(init_kv, shape, jdtype)).lower()
     fn = functools.partial(step, cfg=cfg, arch=architecture(cfg), prefill=key[0] == "prefill")
     kv = init_kv_abstract(shape, jdtype)
-    return jax.jit(fn, donate_argnums=(1,)).lower(
-        abstract_params(cfg, jdtype, config.layer_loop == "unroll"), kv, abstract_inputs(key, config.max_seq_len)
-    )
+    # float32 means float32: no TF32 shortcut on GPUs (it breaks parity with the reference by ~1e-3)
+    with jax.default_matmul_precision("highest" if dtype == "float32" else "default"):
+        return jax.jit(fn, donate_argnums=(1,)).lower(
+            abstract_params(cfg, jdtype, config.layer_loop == "unroll"), kv, abstract_inputs(key, config.max_seq_len)
+        )
 
 
 def init_kv_abstract(shape, dtype):
