@@ -1,0 +1,65 @@
+"""The server's one typed configuration, and the command line generated from it.
+
+`ServerConfig` holds the HTTP server's own switches plus an `EngineConfig` (graph/api.py). The
+argument parser is built by walking the fields of both dataclasses (graph/cli.py): each field
+becomes one `--kebab-case` option whose type and default come from the field and whose help text
+is the comment beside it. No default is repeated here, and no environment variable changes
+behaviour: the command line (or the dataclass, in tests) is the only input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Sequence
+
+from graph.api import EngineConfig
+from graph.cli import add_options, build
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """Every switch of `python -m serving.main`."""
+
+    model: str | None = None  # alias, Hugging Face directory, .gguf file or hub id (none: bundled SmolLM2)
+    served_model_name: str | None = None  # the model id clients use and see (none: the model's name)
+    host: str = "127.0.0.1"  # address to listen on
+    port: int = 8000  # port to listen on (0: any free port, printed in the ready line)
+    api_key: str | None = None  # when set, /v1 requests need `Authorization: Bearer API_KEY`
+    max_body_bytes: int = 4 * 1024 * 1024  # larger request bodies get 413
+    max_n: int = 128  # largest `n` (choices per prompt) a request may ask for
+    shutdown_timeout: float = 30.0  # on SIGINT/SIGTERM, how long in-flight requests may run on
+    log_level: str = "info"  # critical | error | warning | info | debug
+    access_log: bool = False  # log one line per HTTP request
+    engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
+
+    def __post_init__(self) -> None:
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, not {self.log_level!r}")
+        if self.max_n < 1:
+            raise ValueError("max_n must be at least 1")
+        if self.max_body_bytes < 1:
+            raise ValueError("max_body_bytes must be at least 1")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m serving.main",
+        description="Serve a model over the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models).",
+    )
+    add_options(parser, ServerConfig, choices={"log_level": LOG_LEVELS, "dtype": DTYPES})
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
+    """The command line -> a `ServerConfig` (exits with the usage on a bad option)."""
+    parser = build_parser()
+    namespace = parser.parse_args(argv)
+    try:
+        return build(ServerConfig, vars(namespace))
+    except ValueError as e:
+        parser.error(str(e))
+        raise  # unreachable: error() exits

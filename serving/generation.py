@@ -1,0 +1,261 @@
+"""From a validated request to engine requests and back: the part both routes share.
+
+One HTTP request becomes one engine request per choice (`n` per prompt). `Generation` submits
+them together (all or none), reads their deltas as one stream tagged with the choice index,
+records latency metrics on the way, and aborts whatever is unfinished when it is closed: a
+client that goes away closes it, so its pages are freed at the engine's next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import anyio
+from pydantic import BaseModel
+from starlette.requests import Request
+
+from graph.api import EngineError, RequestOutput, SamplingParams, TokenLogprob
+from serving.errors import APIError, bad_request, from_engine_error
+from serving.metrics import Metrics
+from serving.protocol import ChatCompletionRequest, CompletionRequest, UsageInfo
+
+if TYPE_CHECKING:
+    from graph.engine import Engine
+
+log = logging.getLogger("serving.generation")
+T = TypeVar("T")
+
+DONE_FRAME = b"data: [DONE]\n\n"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def sse_frame(payload: BaseModel, exclude: set[str] | None = None) -> bytes:
+    return b"data: " + payload.model_dump_json(exclude=exclude).encode() + b"\n\n"
+
+
+def error_frame(error: APIError) -> bytes:
+    return b"data: " + json.dumps(error.body()).encode() + b"\n\n"
+
+
+def context_check(engine: Engine, prompt_len: int, max_tokens: int, what: str, param: str) -> None:
+    """400 when the prompt plus max_tokens do not fit in the context (checked before submitting)."""
+    limit = engine.max_seq_len
+    if prompt_len + max_tokens > limit:
+        raise bad_request(
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{prompt_len + max_tokens} tokens ({prompt_len} in {what}, {max_tokens} in the completion). "
+            f"Please reduce the length of {what} or completion.",
+            param,
+            "context_length_exceeded",
+        )
+
+
+def sampling_params(
+    req: ChatCompletionRequest | CompletionRequest,
+    engine: Engine,
+    *,
+    max_tokens: int,
+    logprobs: int | None,
+    prompt_logprobs: int | None = None,
+) -> SamplingParams:
+    """The sampling fields shared by chat and completion requests -> engine parameters."""
+    vocab = engine.model.cfg.vocab_size
+    bias = tuple((int(k), float(v)) for k, v in (req.logit_bias or {}).items())
+    for token_id, _ in bias:
+        if token_id >= vocab:
+            raise bad_request(
+                f"'logit_bias' names token {token_id}, outside the vocabulary (0..{vocab - 1})", "logit_bias"
+            )
+    top_k = req.top_k or 0
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=0 if top_k < 0 or top_k >= vocab else top_k,  # both mean: every token
+        min_p=req.min_p or 0.0,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+        logit_bias=bias,
+        seed=req.seed,
+        stop=req.stops(),
+        ignore_eos=bool(req.ignore_eos),
+        min_tokens=req.min_tokens or 0,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+    )
+
+
+def choice_params(base: SamplingParams, n: int, max_n: int) -> list[SamplingParams]:
+    """The parameters of each of `n` choices: a seeded request's choice i samples with seed + i."""
+    if n > max_n:
+        raise bad_request(f"'n' is {n}; this server allows at most {max_n}", "n")
+    return [base if base.seed is None else dataclasses.replace(base, seed=base.seed + i) for i in range(n)]
+
+
+@dataclasses.dataclass
+class ChoiceResult:
+    """Everything one choice produced, for a non-streaming response."""
+
+    text: list[str] = dataclasses.field(default_factory=list)
+    logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    finish_reason: str | None = None
+    error: str | None = None
+    completion_tokens: int = 0
+
+    def add(self, out: RequestOutput) -> None:
+        self.text.append(out.text)
+        self.logprobs += out.logprobs or ()
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
+        self.finish_reason = out.finish_reason
+        self.error = out.error
+        self.completion_tokens = out.completion_tokens
+
+
+def finish_error(finish_reason: str | None, detail: str | None = None) -> APIError | None:
+    """A choice that ended without an answer (shutdown or engine error) -> the error to send."""
+    if finish_reason == "abort":
+        return APIError(503, "The server shut down before the request finished.", code="shutting_down")
+    if finish_reason == "error":
+        return APIError(500, f"The engine failed on this request: {detail or 'unknown error'}", code="engine_error")
+    return None
+
+
+class Generation:
+    """The engine requests of one HTTP request."""
+
+    def __init__(self, engine: Engine, metrics: Metrics, request_id: str) -> None:
+        self._engine = engine
+        self._metrics = metrics
+        self._request_id = request_id
+        self._arrival = time.monotonic()
+        self._streams: list[Any] = []
+        self._finished: set[int] = set()
+        self._prompt_counted: set[int] = set()
+        self._last_token_at: list[float | None] = []
+        self.prompt_tokens = 0
+        self.completion_tokens: list[int] = []
+
+    def submit(self, prompts: Sequence[list[int]], params: Sequence[SamplingParams], param: str) -> None:
+        """Submit `len(params)` choices per prompt (choice index: prompt index * n + sample index);
+        if the engine refuses one, abort those already submitted."""
+        try:
+            for prompt in prompts:
+                for p in params:
+                    request_id = f"{self._request_id}-{len(self._streams)}"
+                    self._streams.append(self._engine.submit(prompt, p, request_id=request_id))
+        except (EngineError, ValueError) as e:
+            for stream in self._streams:
+                self._engine.abort(stream.request_id)
+            raise from_engine_error(e, param) from e
+        self._last_token_at = [None] * len(self._streams)
+        self.completion_tokens = [0] * len(self._streams)
+        self.prompt_tokens = sum(len(p) for p in prompts)
+
+    def usage(self) -> UsageInfo:
+        completion = sum(self.completion_tokens)
+        return UsageInfo(
+            prompt_tokens=self.prompt_tokens, completion_tokens=completion, total_tokens=self.prompt_tokens + completion
+        )
+
+    @property
+    def n_choices(self) -> int:
+        return len(self._streams)
+
+    def _record(self, index: int, out: RequestOutput) -> None:
+        now = time.monotonic()
+        if out.prompt_tokens and index not in self._prompt_counted:
+            self._prompt_counted.add(index)
+            self._metrics.prompt_tokens.inc(out.prompt_tokens)
+        if out.token_ids:
+            last = self._last_token_at[index]
+            if last is None:
+                self._metrics.ttft.observe(now - self._arrival)
+            else:
+                per_token = (now - last) / len(out.token_ids)
+                for _ in out.token_ids:
+                    self._metrics.itl.observe(per_token)
+            self._last_token_at[index] = now
+        self._metrics.generation_tokens.inc(max(0, out.completion_tokens - self.completion_tokens[index]))
+        self.completion_tokens[index] = out.completion_tokens
+        if out.finish_reason is not None:
+            self._finished.add(index)
+
+    async def deltas(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """All choices' deltas as they come, each with its choice index."""
+        if len(self._streams) == 1:
+            async for out in self._streams[0]:
+                self._record(0, out)
+                yield 0, out
+            return
+        queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+        async def pump(index: int, stream: Any) -> None:
+            try:
+                async for out in stream:
+                    queue.put_nowait((index, out))
+                queue.put_nowait((index, None))
+            except Exception as e:
+                queue.put_nowait((index, e))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(self._streams)]
+        try:
+            for _ in range(len(tasks)):
+                while True:
+                    index, item = await queue.get()
+                    if item is None:
+                        break
+                    if isinstance(item, BaseException):
+                        raise item
+                    self._record(index, item)
+                    yield index, item
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def collect(self) -> list[ChoiceResult]:
+        results = [ChoiceResult() for _ in self._streams]
+        async for index, out in self.deltas():
+            results[index].add(out)
+        return results
+
+    async def close(self) -> None:
+        """Abort every choice that has not finished (a no-op when all have)."""
+        with anyio.CancelScope(shield=True):
+            for index, stream in enumerate(self._streams):
+                if index not in self._finished:
+                    self._finished.add(index)
+                    await stream.aclose()
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection before its (non-streaming) response was ready."""
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, or cancel it and raise ClientDisconnected if the client leaves first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task in done:
+        return task.result()
+    log.info("client disconnected: request aborted")
+    raise ClientDisconnected

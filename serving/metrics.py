@@ -1,0 +1,63 @@
+"""Prometheus metrics of one app, in its own registry (several apps in one process never mix).
+
+Request counts and latencies are recorded as requests pass; the engine's queue, batch and KV page
+figures are read from `Engine.stats()` at scrape time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
+_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+
+_ENGINE_GAUGES = {
+    "waiting": ("xlaserve_queue_waiting_requests", "Requests waiting for admission"),
+    "running": ("xlaserve_batch_running_requests", "Requests in the running batch"),
+    "pages_used": ("xlaserve_kv_pages_used", "KV cache pages in use"),
+    "pages_free": ("xlaserve_kv_pages_free", "KV cache pages free"),
+    "pages_total": ("xlaserve_kv_pages_total", "KV cache pages in the pool"),
+}
+
+
+class _EngineCollector(Collector):
+    def __init__(self, stats: Callable[[], dict[str, int] | None]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats()
+        if stats is None:  # still loading
+            return
+        for key, (name, doc) in _ENGINE_GAUGES.items():
+            yield GaugeMetricFamily(name, doc, value=stats[key])
+
+
+class Metrics:
+    """The metrics of one server; `stats` returns the engine's figures (None while loading)."""
+
+    def __init__(self, stats: Callable[[], dict[str, int] | None]) -> None:
+        self.registry = CollectorRegistry()
+        reg = self.registry
+        self.requests = Counter(
+            "xlaserve_requests", "HTTP requests by route and status", ["route", "status"], registry=reg
+        )
+        self.ttft = Histogram(
+            "xlaserve_time_to_first_token_seconds",
+            "Request arrival to first token",
+            buckets=_TTFT_BUCKETS,
+            registry=reg,
+        )
+        self.itl = Histogram(
+            "xlaserve_inter_token_latency_seconds", "Time between output tokens", buckets=_LATENCY_BUCKETS, registry=reg
+        )
+        self.prompt_tokens = Counter("xlaserve_prompt_tokens", "Prompt tokens of finished requests", registry=reg)
+        self.generation_tokens = Counter("xlaserve_generation_tokens", "Generated tokens", registry=reg)
+        reg.register(_EngineCollector(stats))
+
+    def render(self) -> tuple[bytes, str]:
+        """-> (the exposition text, its content type)."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

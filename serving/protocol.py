@@ -1,0 +1,434 @@
+"""The OpenAI request and response schemas of every route, as pydantic models.
+
+Request fields are in the order of the OpenAI API reference (required ones first, then
+alphabetical); this server's own extensions sit in one marked block at the end of each request.
+Validation is strict: wrong JSON types are errors (no "1" -> 1), an unknown parameter is rejected
+(`extra="forbid"`), and an OpenAI parameter this server does not implement is rejected with a
+message that says so unless its value asks for what the server does anyway (`store: false`,
+`response_format: {"type": "text"}`, ...). Checks that involve several fields raise `ParamError`
+from the requests' `check()`; checks that need the model (vocabulary, context) live in serving/.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+
+MAX_STOP = 4
+COMPLETION_MAX_LOGPROBS = 20  # OpenAI allows 5; vLLM (and this server) up to MAX_TOP_LOGPROBS
+
+
+class ParamError(ValueError):
+    """A request that is well typed but invalid as a whole; `param` names the culprit."""
+
+    def __init__(self, param: str | None, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+        self.message = message
+
+
+def _not_supported(name: str, value: Any, accepted: tuple[Any, ...] = ()) -> Any:
+    if value is None or any(value == a for a in accepted):
+        return value
+    raise ValueError(f"'{name}' is not supported by this server")
+
+
+# Not implemented OpenAI parameters -> the values that ask for nothing beyond what we do anyway.
+_CHAT_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "audio": (),
+    "function_call": ("none",),
+    "functions": (),
+    "metadata": ({},),
+    "modalities": (["text"],),
+    "moderation": (),
+    "parallel_tool_calls": (True, False),  # only means something together with tools
+    "prediction": (),
+    "prompt_cache_key": (),
+    "prompt_cache_options": (),
+    "prompt_cache_retention": (),
+    "reasoning_effort": (),
+    "response_format": ({"type": "text"},),
+    "service_tier": ("auto", "default"),
+    "store": (False,),
+    "tool_choice": ("none",),
+    "tools": (),
+    "verbosity": (),
+    "web_search_options": (),
+}
+_COMPLETION_UNSUPPORTED: dict[str, tuple[Any, ...]] = {"best_of": (1,), "suffix": ("",)}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool | None = None
+    include_obfuscation: bool | None = None
+
+    @field_validator("include_obfuscation")
+    @classmethod
+    def _no_obfuscation(cls, v: bool | None) -> bool | None:
+        return _not_supported("stream_options.include_obfuscation", v, (False,))
+
+
+class ContentPart(_Strict):
+    """One part of a message's content; only `text` parts are implemented."""
+
+    type: str
+    text: str | None = None
+    image_url: Any = None
+    input_audio: Any = None
+    file: Any = None
+    refusal: Any = None
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, v: str) -> str:
+        if v in ("image_url", "input_audio", "file", "refusal"):
+            raise ValueError(f"content parts of type '{v}' are not supported by this server (only 'text')")
+        if v != "text":
+            raise ValueError(f"unknown content part type '{v}' (expected 'text')")
+        return v
+
+    @model_validator(mode="after")
+    def _has_text(self) -> ContentPart:
+        if self.text is None:
+            raise ValueError("a 'text' content part needs a 'text' string")
+        return self
+
+
+ROLES = ("system", "user", "assistant", "developer")
+
+
+class ChatMessage(_Strict):
+    role: str
+    content: str | list[ContentPart] | None = Field(default=None, validate_default=True)
+    name: str | None = None
+    # Assistant / tool message fields of the reference that this server does not implement.
+    refusal: Any = None
+    tool_calls: Any = None
+    tool_call_id: Any = None
+    function_call: Any = None
+    audio: Any = None
+
+    @field_validator("role")
+    @classmethod
+    def _known_role(cls, v: str) -> str:
+        if v in ("tool", "function"):
+            raise ValueError(f"messages with role '{v}' are not supported by this server")
+        if v not in ROLES:
+            raise ValueError(f"unknown role '{v}' (expected one of: {', '.join(ROLES)})")
+        return v
+
+    @field_validator("content")
+    @classmethod
+    def _content_given(cls, v: str | list[ContentPart] | None) -> str | list[ContentPart]:
+        if v is None:
+            raise ValueError("every message needs 'content' (a string or a list of text parts)")
+        if isinstance(v, list) and not v:
+            raise ValueError("'content' must not be an empty list")
+        return v
+
+    @field_validator("refusal", "tool_calls", "tool_call_id", "function_call", "audio")
+    @classmethod
+    def _unsupported(cls, v: Any, info: Any) -> Any:
+        return _not_supported(f"message {info.field_name}", v)
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(part.text or "" for part in self.content or ())
+
+
+def _stop_list(v: str | list[str] | None) -> str | list[str] | None:
+    if isinstance(v, list) and len(v) > MAX_STOP:
+        raise ValueError(f"'stop' takes at most {MAX_STOP} sequences, not {len(v)}")
+    if (isinstance(v, list) and any(s == "" for s in v)) or v == "":
+        raise ValueError("'stop' sequences must not be empty strings")
+    return v
+
+
+def _logit_bias(v: dict[str, float] | None) -> dict[str, float] | None:
+    for key, bias in (v or {}).items():
+        if not key.isdigit():
+            raise ValueError(f"'logit_bias' keys must be token ids, not {key!r}")
+        if not -100 <= bias <= 100:
+            raise ValueError(f"'logit_bias' values must be between -100 and 100 (token {key}: {bias})")
+    return v
+
+
+class _SamplingRequest(_Strict):
+    """What chat and completion requests share: `check()` and the stop/logit_bias validation."""
+
+    def stops(self) -> tuple[str, ...]:
+        stop = getattr(self, "stop", None)
+        return () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
+
+    def _check_common(self, max_tokens: int | None) -> None:
+        if getattr(self, "stream_options", None) is not None and not getattr(self, "stream", False):
+            raise ParamError("stream_options", "'stream_options' is only allowed when 'stream' is true")
+        min_tokens = getattr(self, "min_tokens", None)
+        if min_tokens and max_tokens is not None and min_tokens > max_tokens:
+            raise ParamError("min_tokens", f"'min_tokens' ({min_tokens}) is larger than max_tokens ({max_tokens})")
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    model: str
+    audio: Any = None
+    frequency_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0)
+    function_call: Any = None
+    functions: Any = None
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool | None = False
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    metadata: Any = None
+    modalities: Any = None
+    moderation: Any = None
+    n: int | None = Field(default=1, ge=1, le=128)
+    parallel_tool_calls: Any = None
+    prediction: Any = None
+    presence_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0)
+    prompt_cache_key: Any = None
+    prompt_cache_options: Any = None
+    prompt_cache_retention: Any = None
+    reasoning_effort: Any = None
+    response_format: Any = None
+    safety_identifier: str | None = Field(default=None, max_length=64)
+    seed: int | None = None
+    service_tier: Any = None
+    stop: str | list[str] | None = None
+    store: Any = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(default=1.0, ge=0.0, le=2.0)
+    tool_choice: Any = None
+    tools: Any = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_p: float | None = Field(default=1.0, gt=0.0, le=1.0)
+    user: str | None = None
+    verbosity: Any = None
+    web_search_options: Any = None
+
+    # ---- xlaserve extensions (named as in vLLM) ----------------------------------------------
+    top_k: int | None = Field(default=None, ge=-1)  # -1 or 0: off
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
+    min_tokens: int | None = Field(default=None, ge=0)
+    ignore_eos: bool | None = None
+    # ---- end of extensions --------------------------------------------------------------------
+
+    @field_validator(*_CHAT_UNSUPPORTED)
+    @classmethod
+    def _unsupported(cls, v: Any, info: Any) -> Any:
+        return _not_supported(info.field_name, v, _CHAT_UNSUPPORTED[info.field_name])
+
+    _stop = field_validator("stop")(_stop_list)
+    _bias = field_validator("logit_bias")(_logit_bias)
+
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def check(self) -> None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ParamError("top_logprobs", "'top_logprobs' needs 'logprobs' set to true")
+        self._check_common(self.max_new_tokens())
+
+
+class CompletionRequest(_SamplingRequest):
+    """POST /v1/completions."""
+
+    model: str
+    prompt: str | list[str] | list[int] | list[list[int]]
+    best_of: int | None = None
+    echo: bool | None = False
+    frequency_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=COMPLETION_MAX_LOGPROBS)
+    max_tokens: int | None = Field(default=16, ge=0)
+    n: int | None = Field(default=1, ge=1, le=128)
+    presence_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    suffix: str | None = None
+    temperature: float | None = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=1.0, gt=0.0, le=1.0)
+    user: str | None = None
+
+    # ---- xlaserve extensions (named as in vLLM) ----------------------------------------------
+    top_k: int | None = Field(default=None, ge=-1)  # -1 or 0: off
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
+    min_tokens: int | None = Field(default=None, ge=0)
+    ignore_eos: bool | None = None
+    # ---- end of extensions --------------------------------------------------------------------
+
+    @field_validator(*_COMPLETION_UNSUPPORTED)
+    @classmethod
+    def _unsupported(cls, v: Any, info: Any) -> Any:
+        return _not_supported(info.field_name, v, _COMPLETION_UNSUPPORTED[info.field_name])
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_shape(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("'prompt' must not be an empty list")
+            if any(isinstance(p, list) and not p for p in v):
+                raise ValueError("'prompt' token lists must not be empty")
+            if any(t < 0 for p in v if isinstance(p, list) for t in p) or any(isinstance(t, int) and t < 0 for t in v):
+                raise ValueError("'prompt' token ids must not be negative")
+        return v
+
+    _stop = field_validator("stop")(_stop_list)
+    _bias = field_validator("logit_bias")(_logit_bias)
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts of the request: text, or token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if isinstance(p[0], int):
+            return [list(p)]
+        return list(p)
+
+    def check(self) -> None:
+        if self.max_tokens == 0 and not self.echo:
+            raise ParamError("max_tokens", "'max_tokens' may be 0 only with 'echo' set to true")
+        self._check_common(self.max_tokens)
+
+
+# ---- responses ---------------------------------------------------------------------------------
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatChoiceLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+    refusal: list[ChatTokenLogprob] | None = None
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    refusal: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatChoiceLogprobs | None = None
+    finish_reason: str
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+    system_fingerprint: str
+
+
+class DeltaMessage(BaseModel):
+    """A stream delta carries only what changed: None fields are left out."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer
+    def _present(self) -> dict[str, Any]:
+        return {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatChoiceLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    system_fingerprint: str
+    usage: UsageInfo | None = None  # sent (null or not) only with stream_options.include_usage
+
+
+class CompletionLogprobs(BaseModel):
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None  # None only in stream chunks before the last
+
+
+class CompletionResponse(BaseModel):
+    """`text_completion`: the whole response, and (with usage left out) each stream chunk."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    system_fingerprint: str
+    usage: UsageInfo | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "xlaserve"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo

@@ -1,0 +1,57 @@
+"""What the routes share: the config, the engine once it is loaded, the metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import TYPE_CHECKING
+
+from serving.config import ServerConfig
+from serving.errors import APIError
+from serving.logprobs import TokenTexts
+from serving.metrics import Metrics
+
+if TYPE_CHECKING:
+    from graph.engine import Engine
+
+
+_RETRY = {"Retry-After": "5"}
+
+
+@dataclasses.dataclass
+class ServerState:
+    config: ServerConfig
+    engine: Engine | None = None  # None while the model loads
+    stopping: bool = False  # set on SIGINT/SIGTERM: new requests get 503
+    created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+    model_name: str = ""
+    token_texts: TokenTexts | None = None
+    metrics: Metrics = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.metrics = Metrics(self.engine_stats)
+
+    def set_engine(self, engine: Engine) -> None:
+        self.model_name = self.config.served_model_name or engine.model.name
+        self.token_texts = TokenTexts(engine.model.tokenizer)
+        self.engine = engine
+
+    def engine_stats(self) -> dict[str, int] | None:
+        return None if self.engine is None else self.engine.stats()
+
+    def ready_engine(self) -> Engine:
+        """The engine, or 503 while loading or shutting down."""
+        if self.stopping:
+            raise APIError(503, "The server is shutting down and takes no new requests.", code="shutting_down")
+        if self.engine is None:
+            raise APIError(503, "The model is still loading; retry shortly.", code="model_loading", headers=_RETRY)
+        return self.engine
+
+    def check_model(self, model: str) -> None:
+        if model != self.model_name:
+            raise APIError(
+                404,
+                f"The model '{model}' does not exist. This server serves '{self.model_name}'.",
+                param="model",
+                code="model_not_found",
+            )

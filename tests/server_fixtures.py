@@ -1,0 +1,256 @@
+"""A real server for the server tests: `python -m serving.main` in a subprocess on a free loopback
+port, with the real bundled model and the real engine.
+
+Compiling the engine is the slow part of a start, so the session compiles one small bucket set once
+(`python -m graph.aot`) and every server of the session loads it with `--aot-dir`. The shared server
+is started once per session however many test modules use it.
+
+Test modules load the fixtures with `pytest_plugins = ("tests.server_fixtures",)` and import the
+helpers they use.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL = "smollm2-135m-instruct"
+# One prefill bucket and four decode buckets: six executables, ~30 s to compile on 2 cores.
+SMALL_ENGINE = (
+    "--max-batch", "8", "--max-seq-len", "512", "--min-context-tokens", "512",
+    "--min-prefill-tokens", "64", "--max-prefill-tokens", "64", "--kv-pages", "256",
+)  # fmt: skip
+MAX_SEQ_LEN = 512
+READY = re.compile(r"^Server ready on (http://\S+) \(Press CTRL\+C to quit\)$")
+LISTENING = re.compile(r"listening on (\S+):(\d+); loading the model")
+
+
+class ServerProcess:
+    """One server subprocess; its stdout and stderr are kept (and written to `log_path`)."""
+
+    def __init__(self, args: list[str], log_path: Path, command: list[str] | None = None) -> None:
+        self.command = command or [sys.executable, "-m", "serving.main", "--port", "0", *args]
+        self.log_path = log_path
+        self.stdout: list[str] = []
+        self.stderr: list[str] = []
+        self.url = ""
+        self._changed = threading.Condition()
+        self.proc: subprocess.Popen[str] | None = None
+
+    def start(self) -> ServerProcess:
+        self.proc = subprocess.Popen(
+            self.command,
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,  # a signal to the test runner's group does not reach it
+        )
+        for stream, lines in ((self.proc.stdout, self.stdout), (self.proc.stderr, self.stderr)):
+            threading.Thread(target=self._read, args=(stream, lines), daemon=True).start()
+        return self
+
+    def _read(self, stream: Any, lines: list[str]) -> None:
+        with open(self.log_path, "a") as log:
+            for line in stream:
+                log.write(line)
+                log.flush()
+                with self._changed:
+                    lines.append(line.rstrip("\n"))
+                    self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    def wait_for(self, pattern: re.Pattern[str], lines: list[str], timeout: float) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for line in lines:
+                    if m := pattern.search(line):
+                        return m
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise RuntimeError(f"server exited with {self.proc.returncode}; log: {self.log_path}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no {pattern.pattern!r} after {timeout}s; log: {self.log_path}")
+                self._changed.wait(min(left, 1.0))
+
+    def wait_listening(self, timeout: float = 120) -> str:
+        m = self.wait_for(LISTENING, self.stderr, timeout)
+        return f"http://{m[1]}:{m[2]}"
+
+    def wait_ready(self, timeout: float = 300) -> str:
+        self.url = self.wait_for(READY, self.stdout, timeout)[1]
+        return self.url
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# ---- fixtures ------------------------------------------------------------------------------------
+# Test modules load these with `pytest_plugins = ("tests.server_fixtures",)`: one plugin module, so
+# a session fixture is one instance however many modules use it.
+
+
+def _compile_aot(out: Path) -> Path:
+    command = [sys.executable, "-m", "graph.aot", "--model", MODEL, "--out", str(out), *SMALL_ENGINE]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def aot_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small bucket set, compiled once per session."""
+    return _compile_aot(tmp_path_factory.mktemp("aot") / "smollm2-small")
+
+
+def start_server(aot: Path, log_path: Path, *extra: str) -> ServerProcess:
+    """A server over the session's AOT artifact (not yet ready: call wait_ready)."""
+    return ServerProcess([*SMALL_ENGINE, "--aot-dir", str(aot), *extra], log_path).start()
+
+
+@pytest.fixture(scope="session")
+def server(aot_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The session's shared server."""
+    proc = start_server(aot_dir, tmp_path_factory.mktemp("logs") / "server.log")
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> Any:
+    """The bundled model's real tokenizer, for tests that need token ids."""
+    from models.loader import resolve
+    from models.tokenizer import load_tokenizer
+
+    return load_tokenizer(resolve(MODEL)[1])
+
+
+@pytest.fixture(scope="module")
+def openai_client(server: ServerProcess) -> Any:
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def http(server: ServerProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=300) as client:
+        yield client
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+
+
+def sse_events(lines: Iterator[str]) -> list[Any]:
+    """The `data:` payloads of an SSE stream: JSON objects, and the final "[DONE]" as a string."""
+    events = []
+    for line in lines:
+        if not line.startswith("data: "):
+            assert line == "", f"unexpected SSE line {line!r}"
+            continue
+        payload = line[len("data: ") :]
+        events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+def engine_metrics(url: str) -> dict[str, float]:
+    """Every sample of /metrics without labels, by name (e.g. xlaserve_kv_pages_used)."""
+    text = httpx.get(url + "/metrics", timeout=30).text
+    return {m[1]: float(m[2]) for m in re.finditer(r"^(\w+) (\S+)$", text, re.MULTILINE)}
+
+
+def wait_idle(url: str, timeout: float = 30) -> dict[str, float]:
+    """Poll /metrics until nothing runs or waits; -> the last sample."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = engine_metrics(url)
+        idle = m["xlaserve_batch_running_requests"] == 0 and m["xlaserve_queue_waiting_requests"] == 0
+        if idle or time.monotonic() > deadline:
+            return m
+        time.sleep(0.1)
+
+
+# ---- the OpenAI reference schema -----------------------------------------------------------------
+
+# The reference lives beside the repository (../shared/openai); a copy under tests/data/ is used
+# first, so the check also runs where only the repository is checked out.
+SCHEMA_FILES = (
+    REPO / "tests" / "data" / "openapi-subset.yaml",
+    REPO.parent / "shared" / "openai" / "openapi-subset.yaml",
+)
+
+
+def _nullable_to_json_schema(node: Any) -> Any:
+    """OpenAPI 3.0's `nullable: true` (still used in the reference) -> JSON Schema's null type."""
+    if isinstance(node, list):
+        return [_nullable_to_json_schema(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    node = {k: _nullable_to_json_schema(v) for k, v in node.items()}
+    if node.pop("nullable", False):
+        if isinstance(node.get("type"), str):
+            node["type"] = [node["type"], "null"]
+            if "enum" in node:
+                node["enum"] = [*node["enum"], None]
+        else:
+            node = {"anyOf": [node, {"type": "null"}]}
+    return node
+
+
+@functools.cache
+def _schemas() -> dict[str, Any] | None:
+    path = next((p for p in SCHEMA_FILES if p.exists()), None)
+    if path is None:
+        warnings.warn(
+            f"OpenAI reference schema not found ({', '.join(map(str, SCHEMA_FILES))}): not checked", stacklevel=3
+        )
+        return None
+    import yaml
+
+    return _nullable_to_json_schema(yaml.safe_load(path.read_text()))
+
+
+def assert_matches_schema(obj: Any, name: str) -> None:
+    """Validate a response object against components/schemas/NAME of the OpenAI reference."""
+    spec = _schemas()
+    if spec is None:
+        return
+    import jsonschema
+
+    schema = {"$ref": f"#/components/schemas/{name}", "components": spec["components"]}
+    jsonschema.validate(obj, schema, cls=jsonschema.Draft202012Validator)

@@ -1,0 +1,37 @@
+"""The README's serve command, `make serve`, reaches "Server ready" and answers."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+
+import httpx
+import pytest
+
+pytest.register_assert_rewrite("tests.server_fixtures")
+
+from tests.server_fixtures import MODEL, REPO, SMALL_ENGINE, ServerProcess  # noqa: E402
+
+# aot_dir (the session's compiled bucket set)
+pytest_plugins = ("tests.server_fixtures",)
+
+
+def test_readme_serve_command_reaches_ready(aot_dir, tmp_path):
+    readme = (REPO / "README.md").read_text()
+    assert re.search(r"^make serve\b", readme, re.MULTILINE), "the README no longer shows `make serve`"
+    make = ["make"]
+    dry_run = subprocess.run(["make", "-n", "serve"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    if stamp := re.search(r"^touch (\S+)$", dry_run, re.MULTILINE):  # a venv not made by make: take it as is
+        make += ["-o", stamp[1]]
+    args = " ".join(["--port", "0", *SMALL_ENGINE, "--aot-dir", str(aot_dir)])
+    proc = ServerProcess([], tmp_path / "make-serve.log", command=[*make, "serve", f"ARGS={args}"]).start()
+    try:
+        url = proc.wait_ready(timeout=300)
+        assert httpx.get(url + "/health", timeout=30).json() == {"status": "ok"}
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+        assert httpx.post(url + "/v1/chat/completions", json=body, timeout=120).status_code == 200
+    finally:
+        os.killpg(proc.proc.pid, signal.SIGTERM)  # make and the server it started
+        proc.proc.wait(timeout=60)
