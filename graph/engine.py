@@ -65,7 +65,11 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self._finished:
             raise StopAsyncIteration
-        out = await self._queue.get()
+        try:
+            out = await self._queue.get()
+        except asyncio.CancelledError:  # the consumer is gone: so is the request
+            await self.aclose()
+            raise
         self._finished = out.finish_reason is not None
         return out
 
