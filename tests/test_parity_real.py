@@ -1,0 +1,99 @@
+"""The two real bundled models against Hugging Face `transformers` running the same weights.
+
+SmolLM2-135M-Instruct (Llama architecture, Q4_1) and Gemma 3 270M (Q4_K and others) are loaded
+from their GGUF files with `models.loader.load_model`; the reference is a float32 `transformers`
+model (eager attention) built from our GGUF reader's output, so both sides run exactly the same
+dequantized weights (that those equal transformers' own GGUF loading is `tests/test_gguf.py`'s
+job). Both sides decode greedily through a KV cache: ours is `scripts/generate.py`'s loop (one
+prefill, then one-token steps on the paged cache), theirs `generate(do_sample=False)`.
+
+That the SmolLM2 chat template renders a multi-turn conversation exactly as transformers does is
+checked in `tests/test_tokenizer.py` (`test_smollm2_chat_template_matches_transformers`); the
+chat-formatted prompts below check that the model then continues them identically.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from models.loader import LoadedModel
+from scripts.generate import greedy_generate, hf_greedy, hf_reference, load_with_checkpoint, prompt_logits
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+NEW_TOKENS = 32
+Prompt = str | list[dict[str, str]]  # text, or chat messages for the template
+# Of equal length in tokens per model: transformers generates them as one batch without padding,
+# and ours share one compiled prefill and one decode step.
+PROMPTS: dict[str, list[Prompt]] = {
+    "smollm2-135m-instruct": [  # an instruct model: chat-formatted, 37 tokens each
+        [{"role": "user", "content": "Name three colours of the rainbow."}],
+        [{"role": "user", "content": "What is the capital of France?"}],
+        [{"role": "user", "content": "How do I boil an egg?"}],
+    ],
+    "gemma3-270m": [  # a base model without a chat template: plain text, 6 tokens each
+        "The capital of France is",
+        "My favourite programming language is",
+        "import numpy as np\n",
+    ],
+}
+
+
+def _ids(model: LoadedModel, prompt: Prompt) -> list[int]:
+    tok = model.tokenizer
+    return tok.encode(prompt) if isinstance(prompt, str) else tok.encode_chat(prompt)
+
+
+@pytest.fixture(scope="module", params=list(PROMPTS))
+def real(request) -> Iterator[tuple[LoadedModel, Any]]:
+    """(our model, the transformers reference with the same weights); each loaded once."""
+    if request.param == "smollm2-135m-instruct":  # shared with the engine tests (tests/conftest.py)
+        model = request.getfixturevalue("smol_model")
+        hf = hf_reference(model)
+    else:
+        model, checkpoint = load_with_checkpoint(request.param)  # Gemma's 262k vocabulary: read the file once
+        hf = hf_reference(model, checkpoint)
+        del checkpoint
+    # One torch thread: with any other load on a 2-core machine, two OpenMP threads that spin-wait
+    # for each other make transformers' small decode matmuls 2-7x slower (measured: Gemma's three
+    # greedy continuations took 15-71 s with two threads, 9-11 s with one).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield model, hf
+    torch.set_num_threads(threads)
+
+
+def _hf_logits(hf: Any, ids: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return hf(torch.tensor([ids])).logits[0].numpy()
+
+
+def test_prompt_logits_match_transformers(real):
+    model, hf = real
+    ids = _ids(model, PROMPTS[model.name][0])
+    ours, ref = prompt_logits(model, ids, NEW_TOKENS), _hf_logits(hf, ids)
+    assert ours.shape == ref.shape
+    rel_err = float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
+    assert rel_err < 1e-4, f"{model.name}: relative logits error {rel_err:.2e}"
+
+
+def test_greedy_continuation_matches_transformers(real):
+    model, hf = real
+    prompts = [_ids(model, p) for p in PROMPTS[model.name]]
+    refs = hf_greedy(hf, prompts, NEW_TOKENS)  # end-of-sequence stops neither side
+    for prompt, ids, ref in zip(PROMPTS[model.name], prompts, refs, strict=True):
+        ours = greedy_generate(model, ids, NEW_TOKENS)
+        if ours != ref:
+            i = next(i for i, (a, b) in enumerate(zip(ours, ref, strict=True)) if a != b)
+            top2 = np.sort(_hf_logits(hf, ids + ref[:i])[-1])[-2:]
+            pytest.fail(
+                f"{model.name}, prompt {prompt!r}: first difference at token {i} (ours {ours[i]}, "
+                f"transformers {ref[i]}; transformers' top-2 logit margin there {top2[1] - top2[0]:.2e})\n"
+                f"ours:         {model.tokenizer.decode(ours)!r}\n"
+                f"transformers: {model.tokenizer.decode(ref)!r}"
+            )
