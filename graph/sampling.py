@@ -137,8 +137,9 @@ def sample(
         key = jax.random.fold_in(jax.random.key(seed), pos)
         return jax.random.categorical(key, row).astype(jnp.int32)
 
-    drawn = jax.vmap(draw)(s.seed, positions, scaled)
-    token = jnp.where(s.temperature > 0, drawn, greedy)
+    sampled = s.temperature > 0
+    drawn = jax.lax.cond(jnp.any(sampled), lambda: jax.vmap(draw)(s.seed, positions, scaled), lambda: greedy)
+    token = jnp.where(sampled, drawn, greedy)
     logprob = jnp.take_along_axis(model_logprobs, token[:, None], axis=1)[:, 0]
     top_lp, top_ids = jax.lax.cond(
         jnp.any(s.want_top), lambda: top_alternatives(model_logprobs), lambda: _no_top(logits)
