@@ -151,16 +151,7 @@ class ExecutableTable:
 
     def manifest(self, fingerprint: str) -> dict[str, Any]:
         return {
-            "jax": jax.__version__,
-            "jaxlib": jaxlib.__version__,
-            "backend": jax.default_backend(),
-            "device_kind": jax.devices()[0].device_kind,
-            "device_count": jax.device_count(),
-            "model_fingerprint": fingerprint,
-            "dtype": self.dtype,
-            "buckets": dataclasses.asdict(self.buckets),
-            "max_seq_len": self.config.max_seq_len,
-            "layer_loop": self.config.layer_loop,
+            **identity(fingerprint, self.dtype, self.config, self.buckets),
             "num_pages": self.num_pages,
             "memory": {_name(k): v for k, v in self.memory.items()},
         }
@@ -185,18 +176,7 @@ class ExecutableTable:
     ) -> ExecutableTable:
         directory = Path(directory)
         manifest = read_manifest(directory)
-        expected = {
-            "jax": jax.__version__,
-            "jaxlib": jaxlib.__version__,
-            "backend": jax.default_backend(),
-            "device_kind": jax.devices()[0].device_kind,
-            "device_count": jax.device_count(),
-            "model_fingerprint": fingerprint,
-            "dtype": dtype,
-            "buckets": dataclasses.asdict(buckets),
-            "max_seq_len": config.max_seq_len,
-            "layer_loop": config.layer_loop,
-        }
+        expected = identity(fingerprint, dtype, config, buckets)
         differ = [
             f"{k}: artifact has {manifest.get(k)!r}, this server {v!r}"
             for k, v in expected.items()
@@ -216,6 +196,22 @@ class ExecutableTable:
         log.info("loaded %d executables from %s in %.1fs", len(keys), directory, time.monotonic() - started)
         memory = {k: manifest["memory"].get(_name(k), {}) for k in keys}
         return cls(cfg, dtype, config, buckets, int(manifest["num_pages"]), executables, memory)
+
+
+def identity(fingerprint: str, dtype: str, config: EngineConfig, buckets: Buckets) -> dict[str, Any]:
+    """Everything an executable depends on: an artifact made for other values is refused."""
+    return {
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "backend": jax.default_backend(),
+        "device_kind": jax.devices()[0].device_kind,
+        "device_count": jax.device_count(),
+        "model_fingerprint": fingerprint,
+        "dtype": dtype,
+        "buckets": dataclasses.asdict(buckets),
+        "max_seq_len": config.max_seq_len,
+        "layer_loop": config.layer_loop,
+    }
 
 
 class ArtifactMismatchError(RuntimeError):

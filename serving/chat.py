@@ -5,24 +5,24 @@ from __future__ import annotations
 import dataclasses
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from graph.api import RequestOutput
 from models.tokenizer import NoChatTemplateError, Tokenizer
-from serving.errors import APIError, bad_request
+from serving.errors import bad_request
 from serving.generation import (
-    DONE_FRAME,
     SSE_HEADERS,
     Generation,
     choice_params,
     context_check,
-    error_frame,
     finish_error,
     sampling_params,
     sse_frame,
+    sse_stream,
     until_disconnect,
 )
 from serving.logprobs import chat_logprobs
@@ -152,31 +152,21 @@ async def create_chat_completion(request: Request, state: ServerState, req: Chat
     return JSONResponse(response.model_dump(mode="json"))
 
 
-async def _stream(chat: _Chat, gen: Generation, state: ServerState) -> AsyncIterator[bytes]:
+def _stream(chat: _Chat, gen: Generation, state: ServerState) -> AsyncIterator[bytes]:
     """Role deltas, then content deltas as they come, a finish chunk per choice, usage, [DONE]."""
-    try:
-        for index in range(gen.n_choices):
-            yield chat.chunk([ChatChunkChoice(index=index, delta=DeltaMessage(role="assistant", content=""))])
-        async for index, out in gen.deltas():
-            if (error := finish_error(out.finish_reason, out.error)) is not None:
-                yield error_frame(error)
-                break
-            if out.text or out.logprobs:
-                logprobs = None
-                if chat.req.logprobs:
-                    logprobs = ChatChoiceLogprobs(content=chat_logprobs(state.token_texts, out.logprobs or ()))
-                delta = DeltaMessage(content=out.text)
-                yield chat.chunk([ChatChunkChoice(index=index, delta=delta, logprobs=logprobs)])
-            if out.finish_reason is not None:
-                yield chat.chunk([ChatChunkChoice(index=index, delta=DeltaMessage(), finish_reason=out.finish_reason)])
-        else:
-            if chat.include_usage:
-                yield chat.chunk([], usage=gen.usage())
-    except APIError as e:
-        yield error_frame(e)
-    except Exception as e:
-        log.exception("%s: stream failed", chat.request_id)
-        yield error_frame(APIError(500, f"Internal error: {type(e).__name__}: {e}"))
-    finally:
-        await gen.close()
-    yield DONE_FRAME
+
+    def frames(index: int, out: RequestOutput) -> Iterator[bytes]:
+        if out.text or out.logprobs:
+            logprobs = None
+            if chat.req.logprobs:
+                logprobs = ChatChoiceLogprobs(content=chat_logprobs(state.token_texts, out.logprobs or ()))
+            yield chat.chunk([ChatChunkChoice(index=index, delta=DeltaMessage(content=out.text), logprobs=logprobs)])
+        if out.finish_reason is not None:
+            yield chat.chunk([ChatChunkChoice(index=index, delta=DeltaMessage(), finish_reason=out.finish_reason)])
+
+    roles = [
+        chat.chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
+        for i in range(gen.n_choices)
+    ]
+    usage = lambda: [chat.chunk([], usage=gen.usage())] if chat.include_usage else []
+    return sse_stream(gen, chat.request_id, frames, head=roles, tail=usage)

@@ -5,24 +5,23 @@ from __future__ import annotations
 import dataclasses
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from graph.api import RequestOutput
-from serving.errors import APIError, bad_request
+from serving.errors import bad_request
 from serving.generation import (
-    DONE_FRAME,
     SSE_HEADERS,
     Generation,
     choice_params,
     context_check,
-    error_frame,
     finish_error,
     sampling_params,
     sse_frame,
+    sse_stream,
     until_disconnect,
 )
 from serving.logprobs import CompletionLogprobsBuilder, TokenTexts, merge_completion_logprobs
@@ -164,25 +163,15 @@ async def _collect(completion: _Completion, gen: Generation) -> list[CompletionC
     ]
 
 
-async def _stream(completion: _Completion, gen: Generation) -> AsyncIterator[bytes]:
+def _stream(completion: _Completion, gen: Generation) -> AsyncIterator[bytes]:
     """A chunk per delta (the first one of a choice starts with the echoed prompt), usage, [DONE]."""
-    try:
-        async for index, out in gen.deltas():
-            if (error := finish_error(out.finish_reason, out.error)) is not None:
-                yield error_frame(error)
-                break
-            text, logprobs = completion.choices[index].step(out)
-            if text or (logprobs is not None and logprobs.tokens) or out.finish_reason is not None:
-                choice = CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=out.finish_reason)
-                yield completion.chunk([choice])
-        else:
-            if completion.include_usage:
-                yield completion.chunk([], usage=gen.usage())
-    except APIError as e:
-        yield error_frame(e)
-    except Exception as e:
-        log.exception("%s: stream failed", completion.request_id)
-        yield error_frame(APIError(500, f"Internal error: {type(e).__name__}: {e}"))
-    finally:
-        await gen.close()
-    yield DONE_FRAME
+
+    def frames(index: int, out: RequestOutput) -> Iterator[bytes]:
+        text, logprobs = completion.choices[index].step(out)
+        if text or (logprobs is not None and logprobs.tokens) or out.finish_reason is not None:
+            yield completion.chunk(
+                [CompletionChoice(index=index, text=text, logprobs=logprobs, finish_reason=out.finish_reason)]
+            )
+
+    usage = lambda: [completion.chunk([], usage=gen.usage())] if completion.include_usage else []
+    return sse_stream(gen, completion.request_id, frames, tail=usage)

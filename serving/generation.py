@@ -13,7 +13,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
@@ -127,6 +127,39 @@ def finish_error(finish_reason: str | None, detail: str | None = None) -> APIErr
     if finish_reason == "error":
         return APIError(500, f"The engine failed on this request: {detail or 'unknown error'}", code="engine_error")
     return None
+
+
+async def sse_stream(
+    gen: Generation,
+    request_id: str,
+    frames: Callable[[int, RequestOutput], Iterable[bytes]],
+    head: Iterable[bytes] = (),
+    tail: Callable[[], Iterable[bytes]] = lambda: (),
+) -> AsyncIterator[bytes]:
+    """The SSE body of a streamed response: `head`, then `frames(choice index, delta)` for each
+    delta, `tail()` once every choice finished; a choice that ended without an answer, or any
+    failure, becomes an error frame. Always ends with [DONE] and closes `gen` (aborting what is
+    unfinished, e.g. when the client went away)."""
+    try:
+        for frame in head:
+            yield frame
+        async for index, out in gen.deltas():
+            if (error := finish_error(out.finish_reason, out.error)) is not None:
+                yield error_frame(error)
+                break
+            for frame in frames(index, out):
+                yield frame
+        else:
+            for frame in tail():
+                yield frame
+    except APIError as e:
+        yield error_frame(e)
+    except Exception as e:
+        log.exception("%s: stream failed", request_id)
+        yield error_frame(APIError(500, f"Internal error: {type(e).__name__}: {e}"))
+    finally:
+        await gen.close()
+    yield DONE_FRAME
 
 
 class Generation:
