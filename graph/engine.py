@@ -15,6 +15,7 @@ Threads and queues:
 from __future__ import annotations
 
 import asyncio
+import atexit
 import dataclasses
 import logging
 import secrets
@@ -57,7 +58,10 @@ class RequestStream:
         self._finished = False
 
     def push(self, out: RequestOutput) -> None:  # step thread
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, out)
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, out)
+        except RuntimeError:  # the caller's event loop is closed: nobody is listening any more
+            pass
 
     def __aiter__(self) -> AsyncIterator[RequestOutput]:
         return self
@@ -107,6 +111,8 @@ class Engine:
         self.steps = 0
         self._thread = threading.Thread(target=self._loop, name="engine-step", daemon=True)
         self._thread.start()
+        # stop the step thread before the interpreter tears down the runtime under it
+        atexit.register(self.shutdown, 0.0)
         log.info(
             "KV cache: %d pages of %d tokens = %d tokens of context (%.0f MiB)",
             table.num_pages - 1,
@@ -190,6 +196,8 @@ class Engine:
             self._stop = True
             self._lock.notify()
         self._thread.join()
+        atexit.unregister(self.shutdown)
+        self.kv = None  # the pool's memory goes back now, not when the engine is collected
 
     # ---- the step thread ----
 

@@ -37,6 +37,7 @@ START = textwrap.dedent(
     ready = time.monotonic() - t0
     out = llm.generate(["The capital of France is"], SamplingParams(max_tokens=8, temperature=0))[0]
     print(json.dumps({"compiles": len(events), "ready_s": ready, "text": out.text}))
+    llm.shutdown()
     """
 )
 
