@@ -241,16 +241,16 @@ class Engine:
 
     def _after_prefill(self, step: Prefill, out) -> None:
         seq = step.seq
-        deltas = self.outputs.prompt_logprobs(seq, step, out.prompt)
+        self.outputs.prompt_logprobs(seq, step, out.prompt)
         self.scheduler.advance(seq, step.length)
         if step.start + step.length < seq.length:
             return  # more chunks to go
-        self._emit(seq, self.outputs.accept(seq, out.sample, 0, deltas))
+        self._emit(seq, self.outputs.accept(seq, out.sample, 0))
 
     def _after_decode(self, step: Decode, out) -> None:
         for row, seq in enumerate(step.seqs):
             self.scheduler.advance(seq, 1)
-            self._emit(seq, self.outputs.accept(seq, out.sample, row, None))
+            self._emit(seq, self.outputs.accept(seq, out.sample, row))
 
     def _emit(self, seq: Sequence, delta: RequestOutput) -> None:
         stream = self._streams.get(seq.request_id)

@@ -62,7 +62,7 @@ class OutputProcessor:
                     seq.prompt[pos], prompt.logprob[0, i], prompt.top_ids[0, i], prompt.top_logprobs[0, i], k
                 )
 
-    def accept(self, seq: Sequence, sample, row: int, _unused=None) -> RequestOutput:
+    def accept(self, seq: Sequence, sample, row: int) -> RequestOutput:
         """Append the token sampled for `row` and return the request's delta."""
         p, state = seq.params, self._state(seq)
         if p.max_tokens == 0:  # echo-only scoring: nothing is generated

@@ -124,7 +124,7 @@ class Scheduler:
                     raise RuntimeError("KV pool cannot hold a single sequence")  # excluded at start-up
             if seq in self.running:
                 ready.append(seq)
-        return [s for s in ready if s in self.running]
+        return ready
 
     def schedule(self) -> Prefill | Decode | None:
         """The next step, alternating prefill chunks and decode steps while both have work."""

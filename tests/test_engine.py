@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import threading
 
 import jax
 import pytest
@@ -155,7 +154,3 @@ def test_preemption_when_the_pool_is_too_small(smol_model, smol_llm):
         assert llm.engine.stats()["pages_used"] == 0
     finally:
         llm.shutdown()
-
-
-def test_engine_thread_is_named_and_daemon(smol_llm):
-    assert any(t.name == "engine-step" and t.daemon for t in threading.enumerate())
