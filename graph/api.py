@@ -43,6 +43,7 @@ class EngineConfig:
     dtype: str = "float32"  # float32 | bfloat16
     layer_loop: str = "scan"  # scan: lax.scan over stacked layers | unroll: faster on CPU, slower to compile
     aot_dir: str | None = None  # load executables from here instead of compiling
+    debug_step_delay: float = 0.0  # testing: seconds to sleep before each step (simulates a slow device)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):

@@ -229,6 +229,8 @@ class Engine:
         if decision is None:
             return
         self.steps += 1
+        if self.config.debug_step_delay:
+            time.sleep(self.config.debug_step_delay)
         if isinstance(decision, Prefill):
             key, inputs = build_prefill(decision, self.buckets, self.max_seq_len, self.outputs.suppressed)
             self.kv, out = self.table.get(key)(self.params, self.kv, inputs)

@@ -1,8 +1,14 @@
 """`python -m serving.main [--model M] ...`: load a model, compile its engine, serve the OpenAI API.
 
-Start-up: bind the socket first (a busy port fails at once), start uvicorn (so /health answers 503
-while loading), load the model and compile or load the engine on a loader thread (both log their
-progress), then print `Server ready on http://HOST:PORT (Press CTRL+C to quit)`.
+Start-up: bind the socket and listen on it first (a busy port fails at once), log
+`listening on HOST:PORT; loading the model`, start uvicorn, and only once uvicorn serves the
+socket load the model and compile or load the engine on a loader thread (both log their
+progress); then print `Server ready on http://HOST:PORT (Press CTRL+C to quit)`.
+
+A guarantee tools that start the server (tests, orchestrators) may rely on: from the moment the
+"listening" line is written, connections to the port are accepted (they wait in the socket's
+backlog until uvicorn takes them) and `/health` answers 503 (`model_loading`) until the engine is
+ready, then 200. A connection is never refused between that line and shutdown.
 
 Shutdown, on SIGINT or SIGTERM: new requests get 503 and the listening socket closes; the engine
 stops taking requests and lets those in flight finish for up to --shutdown-timeout seconds, then
@@ -34,6 +40,7 @@ if TYPE_CHECKING:
     from graph.engine import Engine
 
 log = logging.getLogger("serving.main")
+BACKLOG = 2048  # uvicorn's default
 
 
 class _Server(uvicorn.Server):
@@ -43,6 +50,11 @@ class _Server(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
         super().__init__(config)
         self._on_exit = on_exit
+        self.serving = asyncio.Event()  # set once uvicorn accepts connections on the socket
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        self.serving.set()
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -98,6 +110,9 @@ def bind(host: str, port: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
+    # Listen now: connections made as soon as the "listening" line is out queue in the backlog
+    # while uvicorn starts (asyncio's own listen() on this socket later only resets the backlog).
+    sock.listen(BACKLOG)
     sock.set_inheritable(True)
     return sock
 
@@ -125,9 +140,15 @@ class _Lifecycle:
             access_log=self.config.access_log,
             lifespan="off",
             timeout_graceful_shutdown=self.config.shutdown_timeout + 10,
+            backlog=BACKLOG,
         )
         server = _Server(uv_config, self.on_exit)
         serving = asyncio.create_task(server.serve(sockets=[sock]))
+        # Load only once uvicorn serves the socket, so a request queued in the backlog before the
+        # engine exists is answered (503) rather than racing the load.
+        accepting = asyncio.ensure_future(server.serving.wait())
+        await asyncio.wait({serving, accepting}, return_when=asyncio.FIRST_COMPLETED)
+        accepting.cancel()
         loading = asyncio.ensure_future(_in_daemon_thread(lambda: load_engine(self.config)))
         await asyncio.wait({serving, loading}, return_when=asyncio.FIRST_COMPLETED)
         if not loading.done():  # stopped (or failed to start) while loading

@@ -50,6 +50,7 @@ class ServerProcess:
         self.url = ""
         self._changed = threading.Condition()
         self.proc: subprocess.Popen[str] | None = None
+        self._readers: list[threading.Thread] = []
 
     def start(self) -> ServerProcess:
         self.proc = subprocess.Popen(
@@ -62,7 +63,9 @@ class ServerProcess:
             start_new_session=True,  # a signal to the test runner's group does not reach it
         )
         for stream, lines in ((self.proc.stdout, self.stdout), (self.proc.stderr, self.stderr)):
-            threading.Thread(target=self._read, args=(stream, lines), daemon=True).start()
+            reader = threading.Thread(target=self._read, args=(stream, lines), daemon=True)
+            reader.start()
+            self._readers.append(reader)
         return self
 
     def _read(self, stream: Any, lines: list[str]) -> None:
@@ -84,19 +87,49 @@ class ServerProcess:
                     if m := pattern.search(line):
                         return m
                 if self.proc is not None and self.proc.poll() is not None:
-                    raise RuntimeError(f"server exited with {self.proc.returncode}; log: {self.log_path}")
+                    break  # raised below, outside the lock the readers need to finish
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TimeoutError(f"no {pattern.pattern!r} after {timeout}s; log: {self.log_path}")
+                    raise TimeoutError(f"no {pattern.pattern!r} after {timeout}s\n{self.log_tail()}")
                 self._changed.wait(min(left, 1.0))
+        self.check_alive()
+        raise AssertionError("unreachable: the process has exited")
+
+    def log_tail(self, lines: int = 40) -> str:
+        with self._changed:
+            tail = (self.stderr + self.stdout)[-lines:]
+        return f"log ({self.log_path}), last lines:\n" + "\n".join(tail)
+
+    def check_alive(self) -> None:
+        """Raise with the log's tail if the process has exited."""
+        if self.proc is not None and self.proc.poll() is not None:
+            for reader in self._readers:  # they end at EOF: the log is then complete
+                reader.join(timeout=10)
+            raise RuntimeError(f"server exited with {self.proc.returncode}\n{self.log_tail()}")
 
     def wait_listening(self, timeout: float = 120) -> str:
         m = self.wait_for(LISTENING, self.stderr, timeout)
         return f"http://{m[1]}:{m[2]}"
 
     def wait_ready(self, timeout: float = 300) -> str:
+        """Wait for the ready line, then for /health to answer 200."""
         self.url = self.wait_for(READY, self.stdout, timeout)[1]
+        response = self.first_response("/health")
+        assert response.status_code == 200, response.text
         return self.url
+
+    def first_response(self, path: str, base_url: str | None = None, timeout: float = 60) -> httpx.Response:
+        """GET `path`, retrying refused connections for up to `timeout` seconds while the process
+        lives (the server promises none after its "listening" line; this guards what precedes it)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return httpx.get((base_url or self.url) + path, timeout=60)
+            except httpx.ConnectError:
+                self.check_alive()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
 
     def signal(self, sig: int = signal.SIGTERM) -> None:
         assert self.proc is not None

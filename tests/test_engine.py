@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 
 import jax
 import pytest
@@ -130,9 +131,9 @@ def test_every_page_is_free_after_random_requests_and_aborts(tiny_model):
 
     async def run():
         await asyncio.gather(*(one(i) for i in range(200)))
-        for _ in range(100):  # aborts are applied by the step thread
-            if engine.stats()["running"] == 0 and engine.stats()["waiting"] == 0:
-                break
+        deadline = time.monotonic() + 60  # aborts are applied by the step thread
+        while engine.stats()["running"] or engine.stats()["waiting"]:
+            assert time.monotonic() < deadline, engine.stats()
             await asyncio.sleep(0.02)
 
     asyncio.run(run())

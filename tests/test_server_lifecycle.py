@@ -7,11 +7,13 @@ import concurrent.futures
 import dataclasses
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -19,8 +21,10 @@ import pytest
 pytest.register_assert_rewrite("tests.server_fixtures")
 
 from tests.server_fixtures import (  # noqa: E402
+    LISTENING,
     MODEL,
     REPO,
+    SMALL_ENGINE,
     ServerProcess,
     engine_metrics,
     sse_events,
@@ -35,6 +39,9 @@ KEY = "sekrit-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 LONG = {"model": MODEL, "prompt": "Tell me a long story.", "max_tokens": 400, "temperature": 0, "ignore_eos": True}
 SHUTDOWN_TIMEOUT = 10
+# Each step of the guarded server takes at least this long, so a LONG request outlasts the test's
+# checks and the shutdown timeout on any machine, however fast its device.
+STEP_DELAY = 0.05
 
 
 @dataclasses.dataclass
@@ -48,9 +55,9 @@ def guarded(aot_dir, tmp_path_factory) -> Iterator[Lifecycle]:
     """A server of its own: API key, a queue of 4, a short shutdown timeout."""
     log = tmp_path_factory.mktemp("logs") / "guarded.log"
     extra = ("--api-key", KEY, "--max-queue", "4", "--shutdown-timeout", str(SHUTDOWN_TIMEOUT), "--access-log")
-    proc = start_server(aot_dir, log, *extra)
+    proc = start_server(aot_dir, log, *extra, "--debug-step-delay", str(STEP_DELAY))
     try:
-        health = httpx.get(proc.wait_listening() + "/health", timeout=30)
+        health = proc.first_response("/health", base_url=proc.wait_listening())
         proc.wait_ready()
         yield Lifecycle(proc, health)
     finally:
@@ -94,6 +101,18 @@ def _wait_for(url: str, key: str, value: int) -> None:
     while engine_metrics(url)[key] < value:
         assert time.monotonic() < deadline, f"{key} never reached {value}"
         time.sleep(0.02)
+
+
+def _wait_unhealthy(url: str, timeout: float = 60) -> None:
+    """Until /health fails (503, or no longer listening): the signal is handled asynchronously."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            httpx.get(url + "/health", timeout=30).raise_for_status()
+        except httpx.HTTPError:
+            return
+        assert time.monotonic() < deadline, "still healthy after SIGTERM"
+        time.sleep(0.05)
 
 
 def test_a_full_queue_answers_429_and_recovers(guarded):
@@ -151,9 +170,7 @@ def test_sigterm_answers_every_in_flight_request_and_exits_0(guarded):
         long_post = pool.submit(httpx.post, url + "/v1/completions", json=LONG, headers=AUTH, timeout=300)
         _wait_for(url, "xlaserve_batch_running_requests", 4)  # the 3 long streams and the long post
         proc.signal(signal.SIGTERM)
-        time.sleep(0.5)
-        with pytest.raises(httpx.HTTPError):  # no longer listening, or 503
-            httpx.get(url + "/health", timeout=5).raise_for_status()
+        _wait_unhealthy(url)
         *long_streams, short_stream = [s.result(timeout=SHUTDOWN_TIMEOUT + 60) for s in streams]
         for events in long_streams:  # cut off after the shutdown timeout: an error event, then [DONE]
             assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "shutting_down", events[-3:]
@@ -181,3 +198,30 @@ def test_help_lists_every_option_with_its_default():
             flag = "--" + field.name.replace("_", "-")
             entry = options[options.index(flag + ("," if isinstance(default, bool) else " ")) :]
             assert re.search(r"\(default: ([^)]*)\)", entry)[1] == ("none" if default is None else str(default)), flag
+
+
+def _connect_when_listening(aot_dir: Path) -> bytes:
+    """Start a server and, on the reading thread itself, connect the moment its "listening" line
+    arrives; -> the raw answer to GET /health."""
+    command = [sys.executable, "-m", "serving.main", "--port", "0", *SMALL_ENGINE, "--aot-dir", str(aot_dir)]
+    proc = subprocess.Popen(command, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        for line in proc.stderr:
+            if m := LISTENING.search(line):
+                with socket.create_connection((m[1], int(m[2])), timeout=60) as conn:
+                    conn.sendall(b"GET /health HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+                    return b"".join(iter(lambda: conn.recv(65536), b""))
+        raise AssertionError(f"the server exited with {proc.wait()} before listening")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_connections_are_accepted_from_the_listening_line_on(aot_dir):
+    """serving/main.py's start-up guarantee: 20 starts, each connecting (without any retry) the
+    moment its "listening" line appears, are never refused and get 503 `model_loading`."""
+    for _ in range(20):
+        answer = _connect_when_listening(aot_dir)
+        assert answer.startswith(b"HTTP/1.1 503 "), answer
+        assert b'"model_loading"' in answer
