@@ -15,8 +15,8 @@ import time
 from graph.api import EngineConfig
 from graph.buckets import Buckets
 from graph.cli import add_options, build
-from graph.engine import plan_num_pages
 from graph.executables import ExecutableTable
+from graph.kv_cache import plan_num_pages
 from models.loader import load_model
 
 

@@ -25,7 +25,6 @@ import uuid
 from collections.abc import AsyncIterator
 
 import jax
-import numpy as np
 
 from graph.api import (
     EngineConfig,
@@ -37,12 +36,12 @@ from graph.api import (
 )
 from graph.batching import build_decode, build_prefill
 from graph.buckets import Buckets
-from graph.executables import INIT_KV, ExecutableTable, kv_bytes_per_page, lower
-from graph.kv_cache import PageAllocator, kv_budget_bytes, plan_pages
+from graph.executables import INIT_KV, ExecutableTable
+from graph.kv_cache import PageAllocator, kv_bytes_per_page, plan_num_pages
+from graph.layout import device_weights
 from graph.outputs import OutputProcessor
 from graph.scheduler import Decode, Prefill, Scheduler, Sequence
 from models.loader import LoadedModel
-from models.params import unroll_layers
 
 log = logging.getLogger("graph.engine")
 
@@ -99,7 +98,7 @@ class Engine:
             max_prefill_tokens=self.buckets.prefill_tokens[-1],
         )
         self.outputs = OutputProcessor(model.tokenizer, model.cfg, config.max_seq_len)
-        self.params = unroll_layers(model.params) if config.layer_loop == "unroll" else model.params
+        self.params = device_weights(model.params, model.cfg, config)
         self.kv = table.get(INIT_KV)()
         self._lock = threading.Condition()
         self._inbox: list[tuple[Sequence, RequestStream]] = []
@@ -270,21 +269,3 @@ class Engine:
             self.scheduler.remove(seq)
         if emit and stream is not None and seq is not None:
             stream.push(self.outputs.final(seq, reason, error))
-
-
-def plan_num_pages(model: LoadedModel, config: EngineConfig, buckets: Buckets) -> int:
-    """Size the pool: the budget minus the temporaries of the largest executable (by its own
-    memory analysis; compiled once with a minimal pool, which does not change them)."""
-    if config.kv_pages is not None:
-        return plan_pages(config.kv_pages, 1, buckets.max_pages)
-    largest_prefill = max(buckets.prefill_keys(), key=lambda k: (k[2], k[3]))
-    probe = lower(model.cfg, model.dtype, config, buckets.max_pages + 1, largest_prefill).compile()
-    analysis = probe.memory_analysis()
-    temp = int(getattr(analysis, "temp_size_in_bytes", 0) or 0) if analysis is not None else 0
-    params_bytes = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(model.params))
-    budget = kv_budget_bytes(config.kv_memory_gb, config.kv_memory_fraction, params_bytes, temp)
-    pages = plan_pages(budget, kv_bytes_per_page(model.cfg, config.page_size, model.dtype), buckets.max_pages)
-    log.info(
-        "KV budget %.0f MiB after %.0f MiB of executable temporaries -> %d pages", budget / 2**20, temp / 2**20, pages
-    )
-    return pages

@@ -25,11 +25,12 @@ from jax.experimental.serialize_executable import deserialize_and_load, serializ
 
 from graph.api import EngineConfig
 from graph.buckets import Buckets
+from graph.layout import abstract_device_weights, layer_loop
 from graph.sampling import MAX_LOGIT_BIAS, MAX_SUPPRESS, SamplingArrays
 from graph.step import StepInputs, init_kv, step
-from models import architecture
 from models.config import ModelConfig
-from models.params import DTYPES, abstract_params
+from models.layers import kv_shape
+from models.params import DTYPES
 
 log = logging.getLogger("graph.executables")
 
@@ -75,14 +76,6 @@ def abstract_inputs(key: Key, max_seq_len: int) -> StepInputs:
     )
 
 
-def kv_shape(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple[int, ...]:
-    return (cfg.num_layers, num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
-
-
-def kv_bytes_per_page(cfg: ModelConfig, page_size: int, dtype: str) -> int:
-    return 2 * cfg.num_layers * page_size * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(DTYPES[dtype]).itemsize
-
-
 def _memory(compiled) -> dict[str, int]:
     m = compiled.memory_analysis()
     fields = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes", "generated_code_size_in_bytes")
@@ -95,12 +88,12 @@ def lower(cfg: ModelConfig, dtype: str, config: EngineConfig, num_pages: int, ke
     shape = kv_shape(cfg, num_pages, config.page_size)
     if key == INIT_KV:
         return jax.jit(functools.partial(init_kv, shape, jdtype)).lower()
-    fn = functools.partial(step, cfg=cfg, arch=architecture(cfg), prefill=key[0] == "prefill")
+    fn = functools.partial(step, cfg=cfg, prefill=key[0] == "prefill")
     kv = init_kv_abstract(shape, jdtype)
     # float32 means float32: no TF32 shortcut on GPUs (it breaks parity with the reference by ~1e-3)
     with jax.default_matmul_precision("highest" if dtype == "float32" else "default"):
         return jax.jit(fn, donate_argnums=(1,)).lower(
-            abstract_params(cfg, jdtype, config.layer_loop == "unroll"), kv, abstract_inputs(key, config.max_seq_len)
+            abstract_device_weights(cfg, dtype, config), kv, abstract_inputs(key, config.max_seq_len)
         )
 
 
@@ -137,7 +130,7 @@ class ExecutableTable:
         with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
             for i, (key, compiled, seconds) in enumerate(pool.map(compile_one, lowered), 1):
                 executables[key], memory[key] = compiled, _memory(compiled)
-                log.info("compiled %d/%d %s in %.1fs", i, len(keys), _name(key), seconds)
+                log.info("compiled %d/%d %s in %.1fs", i, len(keys), name(key), seconds)
         log.info("compiled %d executables in %.1fs", len(keys), time.monotonic() - started)
         return cls(cfg, dtype, config, buckets, num_pages, executables, memory)
 
@@ -153,14 +146,14 @@ class ExecutableTable:
         return {
             **identity(fingerprint, self.dtype, self.config, self.buckets),
             "num_pages": self.num_pages,
-            "memory": {_name(k): v for k, v in self.memory.items()},
+            "memory": {name(k): v for k, v in self.memory.items()},
         }
 
     def save(self, directory: str | Path, fingerprint: str) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         for key, compiled in self.executables.items():
-            (directory / f"{_name(key)}.bin").write_bytes(pickle.dumps(serialize(compiled)))
+            (directory / f"{name(key)}.bin").write_bytes(pickle.dumps(serialize(compiled)))
         (directory / MANIFEST).write_text(json.dumps(self.manifest(fingerprint), indent=2))
         log.info("wrote %d executables and %s to %s", len(self.executables), MANIFEST, directory)
 
@@ -188,13 +181,13 @@ class ExecutableTable:
         keys = [INIT_KV, *buckets.all_keys()]
         executables = {}
         for key in keys:
-            path = directory / f"{_name(key)}.bin"
+            path = directory / f"{name(key)}.bin"
             if not path.exists():
                 raise ArtifactMismatchError(f"{path}: missing executable")
             payload, in_tree, out_tree = pickle.loads(path.read_bytes())
             executables[key] = deserialize_and_load(payload, in_tree, out_tree)
         log.info("loaded %d executables from %s in %.1fs", len(keys), directory, time.monotonic() - started)
-        memory = {k: manifest["memory"].get(_name(k), {}) for k in keys}
+        memory = {k: manifest["memory"].get(name(k), {}) for k in keys}
         return cls(cfg, dtype, config, buckets, int(manifest["num_pages"]), executables, memory)
 
 
@@ -210,7 +203,9 @@ def identity(fingerprint: str, dtype: str, config: EngineConfig, buckets: Bucket
         "dtype": dtype,
         "buckets": dataclasses.asdict(buckets),
         "max_seq_len": config.max_seq_len,
-        "layer_loop": config.layer_loop,
+        "layer_loop": layer_loop(config),
+        "quantize": config.quantize,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
 
 
@@ -231,6 +226,6 @@ def _jsonable(x: Any) -> Any:
     return json.loads(json.dumps(x))
 
 
-def _name(key: Key) -> str:
+def name(key: Key) -> str:
     phase, b, t, p = key
     return phase if key == INIT_KV else f"{phase}_b{b}_t{t}_p{p}"

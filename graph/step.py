@@ -1,5 +1,10 @@
 """The step function compiled into every executable: model forward over the paged KV cache,
 logits of each row's last real token, on-device sampling, and (prefill only) prompt logprobs.
+
+Prompt logprobs need the full-vocabulary logits of every token of a chunk: `[T, V]` float32 is
+512 MiB for a 512-token chunk of Gemma's 262k vocabulary. They are computed in slices of
+`PROMPT_LOGPROB_SLICE` tokens under `lax.map`, inside a `lax.cond` on whether the step wants them,
+so an executable's temporaries hold one slice's logits, not the chunk's.
 """
 
 from __future__ import annotations
@@ -11,8 +16,12 @@ import jax.numpy as jnp
 
 from graph.api import MAX_TOP_LOGPROBS
 from graph.sampling import SampleOut, SamplingArrays, sample, top_alternatives
+from models import transformer
 from models.config import ModelConfig
 from models.layers import KVCache, unembed
+from models.params import Weights
+
+PROMPT_LOGPROB_SLICE = 16  # tokens whose full-vocabulary logits exist at once
 
 
 class StepInputs(NamedTuple):
@@ -38,18 +47,33 @@ class StepOutputs(NamedTuple):
     prompt: PromptLogprobs | None  # prefill executables only
 
 
-def _prompt_logprobs(params, cfg: ModelConfig, h: jax.Array, next_tokens: jax.Array) -> PromptLogprobs:
-    logprobs = jax.nn.log_softmax(unembed(params, cfg, h), axis=-1)  # [B, T, V]
-    chosen = jnp.take_along_axis(logprobs, jnp.maximum(next_tokens, 0)[..., None], axis=-1)[..., 0]
-    top_lp, top_ids = top_alternatives(logprobs)
-    return PromptLogprobs(chosen, top_ids, top_lp)
+def _prompt_logprobs(w: Weights, cfg: ModelConfig, h: jax.Array, next_tokens: jax.Array) -> PromptLogprobs:
+    """h [B, T, D], next_tokens [B, T] -> logprobs of each next token, in slices of the chunk."""
+    B, T, D = h.shape
+    n = min(PROMPT_LOGPROB_SLICE, T)
+    pad = -T % n
+    h = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(B, -1, n, D).swapaxes(0, 1)  # [T/n, B, n, D]
+    nxt = jnp.pad(next_tokens, ((0, 0), (0, pad))).reshape(B, -1, n).swapaxes(0, 1)
+
+    def one(args):
+        hs, ns = args
+        logprobs = jax.nn.log_softmax(unembed(w, cfg, hs), axis=-1)  # [B, n, V]
+        chosen = jnp.take_along_axis(logprobs, jnp.maximum(ns, 0)[..., None], axis=-1)[..., 0]
+        top_lp, top_ids = top_alternatives(logprobs)
+        return PromptLogprobs(chosen, top_ids, top_lp)
+
+    def unslice(x):  # [T/n, B, n, ...] -> [B, T, ...]
+        x = x.swapaxes(0, 1)
+        return x.reshape(B, -1, *x.shape[3:])[:, :T]
+
+    return jax.tree.map(unslice, jax.lax.map(one, (h, nxt)))
 
 
-def step(params, kv: KVCache, inp: StepInputs, *, cfg: ModelConfig, arch, prefill: bool):
-    """-> (kv, StepOutputs). `arch` is the model family module (models.llama / models.gemma)."""
-    h, kv = arch.hidden(params, cfg, inp.tokens, inp.positions, kv, inp.page_table)  # [B, T, D]
+def step(w: Weights, kv: KVCache, inp: StepInputs, *, cfg: ModelConfig, prefill: bool):
+    """-> (kv, StepOutputs)."""
+    h, kv = transformer.hidden(w, cfg, inp.tokens, inp.positions, kv, inp.page_table)  # [B, T, D]
     last = jnp.take_along_axis(h, inp.last_index[:, None, None], axis=1)[:, 0]  # [B, D]
-    logits = unembed(params, cfg, last)  # f32 [B, V]
+    logits = unembed(w, cfg, last)  # f32 [B, V]
     sample_pos = jnp.take_along_axis(inp.positions, inp.last_index[:, None], axis=1)[:, 0] + 1
     out = sample(logits, inp.sampling, sample_pos, inp.history, inp.prompt_len)
     prompt = None
@@ -61,9 +85,7 @@ def step(params, kv: KVCache, inp: StepInputs, *, cfg: ModelConfig, arch, prefil
             jnp.zeros((B, T, MAX_TOP_LOGPROBS), jnp.float32),
         )
         prompt = jax.lax.cond(
-            inp.want_prompt_logprobs,
-            lambda: _prompt_logprobs(params, cfg, h, inp.next_tokens),
-            lambda: zeros,
+            inp.want_prompt_logprobs, lambda: _prompt_logprobs(w, cfg, h, inp.next_tokens), lambda: zeros
         )
     return kv, StepOutputs(out, prompt)
 

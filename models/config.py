@@ -54,10 +54,10 @@ class ModelConfig:
     final_logit_softcap: float | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
-
-    @property
-    def family(self) -> str:
-        return "gemma" if self.model_type in GEMMA_TYPES else "llama"
+    # What sets Gemma apart from Llama, as data (models/transformer.py has no family branches):
+    norm_plus_one: bool = False  # RMSNorm scales by (1 + w), so a neutral norm weight is 0
+    embed_scale: bool = False  # embeddings are multiplied by sqrt(hidden_size)
+    sandwich_norms: bool = False  # a norm after attention and after the MLP, before each residual add
 
     @property
     def attn_scale(self) -> float:
@@ -178,4 +178,7 @@ def _from_hf(cls: type[ModelConfig], model_type: str, d: dict[str, Any]) -> Mode
         final_logit_softcap=d.get("final_logit_softcapping") if gemma else None,
         bos_token_id=d.get("bos_token_id"),
         eos_token_ids=tuple(int(e) for e in eos_ids),
+        norm_plus_one=gemma,
+        embed_scale=gemma,
+        sandwich_norms=gemma,
     )

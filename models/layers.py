@@ -1,18 +1,20 @@
-"""Blocks shared by every architecture family: norms, rotary embeddings, attention over a paged
-KV cache, the gated MLP, and the decoder skeleton (embed -> scanned layers -> norm -> logits).
+"""The building blocks of the decoder (`models/transformer.py`): norms, rotary embeddings,
+attention over a paged KV cache, the gated MLP and the output head.
 
-Paged KV cache layout (the compile layer allocates it, models only read and write it):
-  k, v: [L, P, S, K, Dh]  (layers, pages in the pool, tokens per page, kv heads, head dim)
+Paged KV cache layout (the compile layer allocates it, models only read and write it), head-major:
+  k, v: [L, K, P, S, Dh]  (layers, kv heads, pages in the pool, tokens per page, head dim)
   page_table: [B, W] int32, the pages of each sequence in order (unused entries may be anything
   valid, e.g. 0: causal masking hides them). Page 0 is scratch: padding tokens (position -1)
   write there, so a real sequence must never own page 0.
-Token t of a sequence lives at page_table[b, t // S], slot t % S.
+Token t of a sequence lives at page_table[b, t // S], slot t % S, in every (layer, kv head) plane.
+Head-major, one (layer, head, page) is a contiguous [S, Dh] row block: a step reads a sequence's
+keys with one plain row gather and no transposes (XLA:CPU runs a gather fused with a transpose at
+~1 GB/s), and it is the layout Pallas paged-attention kernels take on GPU and TPU.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -20,17 +22,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.config import ModelConfig, RopeConfig
+from models.params import LayerWeights, Weights
+from models.quant import linear
 
 _MASKED = -1e30  # finite, so a fully masked (padding) row gives a uniform softmax, not NaN
 
 
 class KVCache(NamedTuple):
-    k: jax.Array  # [L, P, S, K, Dh]
-    v: jax.Array  # [L, P, S, K, Dh]
+    k: jax.Array  # [L, K, P, S, Dh]
+    v: jax.Array  # [L, K, P, S, Dh]
 
     @property
     def page_size(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
+
+
+def kv_shape(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple[int, ...]:
+    return (cfg.num_layers, cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float, plus_one: bool) -> jax.Array:
@@ -75,150 +83,104 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotated * sin
 
 
-def write_kv(
-    cache: jax.Array, layer: jax.Array, new: jax.Array, page_table: jax.Array, positions: jax.Array
-) -> jax.Array:
-    """Scatter new [B, T, K, Dh] into cache [L, P, S, K, Dh] at each token's page and slot."""
-    page_size = cache.shape[2]
+def write_kv(cache: jax.Array, layer: Any, new: jax.Array, page_table: jax.Array, positions: jax.Array) -> jax.Array:
+    """Scatter new [B, T, K, Dh] into cache [L, K, P, S, Dh] at each token's page and slot."""
+    page_size = cache.shape[3]
     valid = positions >= 0
     safe = jnp.where(valid, positions, 0)
     pages = jnp.take_along_axis(page_table, safe // page_size, axis=1)  # [B, T]
     pages = jnp.where(valid, pages, 0)
     slots = jnp.where(valid, safe % page_size, 0)
-    return cache.at[layer, pages, slots].set(new.astype(cache.dtype))
+    # advanced indices around a slice: the indexed view is [B, T, K, Dh], new's own layout
+    return cache.at[layer, :, pages, slots].set(new.astype(cache.dtype))
 
 
 def paged_attention(
     q: jax.Array,
     kv: KVCache,
-    layer: jax.Array,
+    layer: Any,
     page_table: jax.Array,
     positions: jax.Array,
     *,
     scale: float,
-    window: jax.Array,
+    window: Any,
     softcap: float | None,
 ) -> jax.Array:
     """Causal attention of q [B, T, H, Dh] over the pages of each sequence (already holding
     this step's keys). `window` > 0 limits each query to its last `window` keys."""
     B, T, H, Dh = q.shape
-    _, _, S, K, _ = kv.k.shape
-    W = page_table.shape[1]
-    k = kv.k[layer, page_table].reshape(B, W * S, K, Dh)  # [B, W*S, K, Dh]
-    v = kv.v[layer, page_table].reshape(B, W * S, K, Dh)
-    qg = q.reshape(B, T, K, H // K, Dh)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    L, K, P, S, _ = kv.k.shape
+    W, G = page_table.shape[1], H // K
+    # one row gather per cache: row (layer, head, page) of the [L*K*P, S, Dh] view
+    rows = (layer * K + jnp.arange(K, dtype=jnp.int32))[:, None, None] * P + page_table[None]  # [K, B, W]
+    k = kv.k.reshape(L * K * P, S, Dh)[rows].reshape(K, B, W * S, Dh)
+    v = kv.v.reshape(L * K * P, S, Dh)[rows].reshape(K, B, W * S, Dh)
+    qg = q.reshape(B, T, K, G, Dh).transpose(2, 0, 1, 3, 4).reshape(K, B, T * G, Dh)  # query r = t*G + g
+    scores = jnp.einsum("kbrd,kbsd->kbrs", qg, k, preferred_element_type=jnp.float32) * scale
     if softcap:
         scores = jnp.tanh(scores / softcap) * softcap
     key_pos = jnp.arange(W * S, dtype=jnp.int32)[None, None, :]  # [1, 1, W*S]
-    query_pos = positions[:, :, None]  # [B, T, 1]
+    query_pos = jnp.repeat(positions, G, axis=1)[:, :, None]  # [B, T*G, 1]
     mask = key_pos <= query_pos
     mask &= (window <= 0) | (key_pos > query_pos - window)
-    scores = jnp.where(mask[:, None, None], scores, _MASKED)
+    scores = jnp.where(mask[None], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(B, T, H, Dh)
+    out = jnp.einsum("kbrs,kbsd->kbrd", probs, v)  # [K, B, T*G, Dh]
+    return out.reshape(K, B, T, G, Dh).transpose(1, 2, 0, 3, 4).reshape(B, T, H, Dh)
 
 
 def attention(
     cfg: ModelConfig,
-    lp: dict[str, jax.Array],
+    lw: LayerWeights,
     x: jax.Array,
     kv: KVCache,
-    layer: jax.Array,
+    layer: Any,
     page_table: jax.Array,
     positions: jax.Array,
     rope: tuple[jax.Array, jax.Array],
-    window: jax.Array,
+    window: Any,
 ) -> tuple[jax.Array, KVCache]:
-    """Projections, optional q/k norm, rotary, KV write and paged attention. x: [B, T, D]."""
-    plus_one = cfg.family == "gemma"
-    q = jnp.einsum("btd,dhk->bthk", x, lp["q"])
-    k = jnp.einsum("btd,dhk->bthk", x, lp["k"])
-    v = jnp.einsum("btd,dhk->bthk", x, lp["v"])
-    if cfg.qkv_bias:
-        q, k, v = q + lp["q_bias"], k + lp["k_bias"], v + lp["v_bias"]
-    if cfg.qk_norm:
-        q = rms_norm(q, lp["q_norm"], cfg.rms_norm_eps, plus_one)
-        k = rms_norm(k, lp["k_norm"], cfg.rms_norm_eps, plus_one)
+    """Fused q|k|v projection, optional q/k norm, rotary, KV write and paged attention. x: [B, T, D]."""
+    B, T, _ = x.shape
+    H, K, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    qkv = linear(x, lw.qkv)  # [B, T, (H + 2K) * Dh]
+    if lw.qkv_bias is not None:
+        qkv = qkv + lw.qkv_bias
+    q = qkv[..., : H * Dh].reshape(B, T, H, Dh)
+    k = qkv[..., H * Dh : (H + K) * Dh].reshape(B, T, K, Dh)
+    v = qkv[..., (H + K) * Dh :].reshape(B, T, K, Dh)
+    if lw.q_norm is not None:
+        q = rms_norm(q, lw.q_norm, cfg.rms_norm_eps, cfg.norm_plus_one)
+        k = rms_norm(k, lw.k_norm, cfg.rms_norm_eps, cfg.norm_plus_one)
     cos, sin = rope
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     kv = KVCache(write_kv(kv.k, layer, k, page_table, positions), write_kv(kv.v, layer, v, page_table, positions))
     out = paged_attention(
-        q,
-        kv,
-        layer,
-        page_table,
-        positions,
-        scale=cfg.attn_scale,
-        window=window,
-        softcap=cfg.attn_logit_softcap,
+        q, kv, layer, page_table, positions, scale=cfg.attn_scale, window=window, softcap=cfg.attn_logit_softcap
     )
-    out = jnp.einsum("bthk,hkd->btd", out, lp["o"])
-    if cfg.o_bias:
-        out = out + lp["o_bias"]
+    out = linear(out.reshape(B, T, H * Dh), lw.o)
+    if lw.o_bias is not None:
+        out = out + lw.o_bias
     return out, kv
 
 
-def mlp(cfg: ModelConfig, lp: dict[str, jax.Array], x: jax.Array) -> jax.Array:
-    gate = jnp.einsum("btd,df->btf", x, lp["gate"])
-    up = jnp.einsum("btd,df->btf", x, lp["up"])
+def mlp(cfg: ModelConfig, lw: LayerWeights, x: jax.Array) -> jax.Array:
+    gate, up = jnp.split(linear(x, lw.gate_up), 2, axis=-1)
     if cfg.hidden_act in ("gelu_pytorch_tanh", "gelu_tanh"):
         act = jax.nn.gelu(gate, approximate=True)
     elif cfg.hidden_act in ("silu", "swish"):
         act = jax.nn.silu(gate)
     else:
         raise ValueError(f"unsupported activation {cfg.hidden_act!r}")
-    return jnp.einsum("btf,fd->btd", act * up, lp["down"])
+    return linear(act * up, lw.down)
 
 
-# A block: (cfg, layer params, h, kv, layer index, page_table, positions, rope, window) -> (h, kv)
-Block = Callable[..., tuple[jax.Array, KVCache]]
-
-
-def decoder(
-    params: dict[str, Any],
-    cfg: ModelConfig,
-    tokens: jax.Array,
-    positions: jax.Array,
-    kv: KVCache,
-    page_table: jax.Array,
-    block: Block,
-    embed_scale: bool,
-) -> tuple[jax.Array, KVCache]:
-    """Embedding, the layers under `lax.scan`, and the final norm: -> (hidden [B, T, D], kv)."""
-    h = params["embed"][tokens]  # [B, T, D]
-    if embed_scale:
-        h = h * jnp.asarray(cfg.hidden_size**0.5, h.dtype)
-    global_rope = rope_tables(cfg.rope, cfg.head_dim, positions)
-    local_rope = rope_tables(cfg.rope_local, cfg.head_dim, positions) if cfg.rope_local else global_rope
-    sliding = jnp.asarray(cfg.sliding_flags)
-    windows = jnp.where(sliding, cfg.sliding_window or 0, 0).astype(jnp.int32)
-
-    def step(carry, xs):
-        h, kv = carry
-        lp, layer, is_sliding, window = xs
-        rope = jax.tree.map(lambda g, loc: jnp.where(is_sliding, loc, g), global_rope, local_rope)
-        h, kv = block(cfg, lp, h, kv, layer, page_table, positions, rope, window)
-        return (h, kv), None
-
-    layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    if isinstance(params["layers"], list):  # per-layer buffers, unrolled (see models/params.py)
-        carry = (h, kv)
-        for i, lp in enumerate(params["layers"]):
-            carry, _ = step(carry, (lp, i, cfg.sliding_flags[i], windows[i]))
-        h, kv = carry
-    else:
-        (h, kv), _ = jax.lax.scan(step, (h, kv), (params["layers"], layer_ids, sliding, windows))
-    return rms_norm(h, params["final_norm"], cfg.rms_norm_eps, cfg.family == "gemma"), kv
-
-
-def unembed(params: dict[str, Any], cfg: ModelConfig, h: jax.Array) -> jax.Array:
+def unembed(w: Weights, cfg: ModelConfig, h: jax.Array) -> jax.Array:
     """Final-normed hidden [..., D] -> float32 logits [..., V] (with Gemma's soft-capping)."""
-    if cfg.tie_word_embeddings:
-        logits = jnp.einsum("...d,vd->...v", h, params["embed"], preferred_element_type=jnp.float32)
+    if w.lm_head is None:  # tied
+        logits = jnp.einsum("...d,vd->...v", h, w.embed, preferred_element_type=jnp.float32)
     else:
-        logits = jnp.einsum("...d,dv->...v", h, params["lm_head"], preferred_element_type=jnp.float32)
+        logits = linear(h, w.lm_head, jnp.float32)
     if cfg.final_logit_softcap:
         logits = jnp.tanh(logits / cfg.final_logit_softcap) * cfg.final_logit_softcap
     return logits

@@ -19,10 +19,8 @@ import logging
 import re
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-from models import architecture
 from models.config import ModelConfig
 from models.errors import ModelLoadError
 from models.params import DTYPES
@@ -63,10 +61,6 @@ class LoadedModel:
     dtype: str
     fingerprint: str  # identifies config + weights + dtype (used by AOT artifacts)
     path: Path
-
-    @property
-    def arch(self) -> ModuleType:
-        return architecture(self.cfg)
 
 
 def resolve(source: str | None) -> tuple[str, Path]:

@@ -1,7 +1,15 @@
 """Every parameter declared once: shape and logical axes. Init, abstract shapes and shardings
 derive from these declarations (`graph/sharding.py` maps logical axes to mesh axes).
 
-Layer weights are stacked on a leading "layers" axis so the forward pass can `lax.scan` them.
+Two forms of the same weights:
+- the checkpoint form (`describe`): a dict in Hugging Face's granularity, layer weights stacked on
+  a leading "layers" axis. Loading, `init_params` and the parity tests use it.
+- the compute form (`Weights`, made by `prepare`): typed pytrees with Q|K|V fused into one matrix
+  and gate|up into one, matrices flattened to 2-D `[in, out]` (optionally int8, `models/quant.py`),
+  and the layers either stacked (one `LayerWeights` with a leading axis, for `lax.scan`) or a list
+  of per-layer `LayerWeights` (separate buffers, for an unrolled loop). On XLA:CPU a scanned layer's
+  slice of a stacked array is copied before its matrix products, which costs ~1.7x at batch 1;
+  TPU fuses the slice. `graph/` picks the form per backend.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models import quant as qt
 from models.config import ModelConfig
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}  # the `dtype` option
@@ -32,7 +41,7 @@ def describe(cfg: ModelConfig) -> Params:
     L, D, F = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
     H, K, Dh, V = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
     # Gemma's norms scale by (1 + w), so their neutral weight is 0; Llama's by w, neutral 1.
-    norm_init = "zeros" if cfg.family == "gemma" else "ones"
+    norm_init = "zeros" if cfg.norm_plus_one else "ones"
 
     def norm(*layers: int) -> ParamSpec:  # norm(L): one per layer; norm(): a single one
         return ParamSpec((*layers, D), ("layers",) * len(layers) + ("norm",), norm_init)
@@ -57,7 +66,7 @@ def describe(cfg: ModelConfig) -> Params:
     if cfg.qk_norm:
         layers["q_norm"] = ParamSpec((L, Dh), ("layers", "head_dim"), norm_init)
         layers["k_norm"] = ParamSpec((L, Dh), ("layers", "head_dim"), norm_init)
-    if cfg.family == "gemma":  # sandwich norms around both blocks
+    if cfg.sandwich_norms:
         layers["post_attn_norm"] = norm(L)
         layers["post_mlp_norm"] = norm(L)
     tree: Params = {
@@ -78,28 +87,79 @@ def map_specs(fn: Callable[[ParamSpec], Any], tree: Params) -> Any:
     return jax.tree.map(fn, tree, is_leaf=_is_spec)
 
 
-def abstract_params(cfg: ModelConfig, dtype: Any, unrolled: bool = False) -> Any:
-    """ShapeDtypeStructs of the parameters (for `.lower()` without materializing weights)."""
-    tree = map_specs(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), describe(cfg))
-    if unrolled:
-        tree["layers"] = [
-            jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), tree["layers"])
-            for _ in range(cfg.num_layers)
-        ]
-    return tree
+def abstract_params(cfg: ModelConfig, dtype: Any) -> Any:
+    """ShapeDtypeStructs of the checkpoint-form parameters."""
+    return map_specs(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), describe(cfg))
 
 
-def unroll_layers(params: Params) -> Params:
-    """Stacked layer weights -> a list of per-layer buffers, for the unrolled layer loop.
+Matrix = Any  # jax.Array [in, out] or QTensor
 
-    On CPU, XLA copies each layer's slice out of a stacked array inside `lax.scan` before its
-    matrix products, which halves decode speed; separate buffers avoid the copy (compilation then
-    grows with depth). Split on the host: slicing on the device would compile small programs.
-    """
-    host = jax.tree.map(np.asarray, params["layers"])
-    n = len(next(iter(host.values())))
-    layers = [jax.tree.map(lambda a, i=i: jax.device_put(np.ascontiguousarray(a[i])), host) for i in range(n)]
-    return {**params, "layers": layers}
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerWeights:
+    """One decoder layer in compute form (each leaf has a leading [L] axis when stacked)."""
+
+    attn_norm: jax.Array  # [D]
+    qkv: Matrix  # [D, (H + 2K) * Dh]: q heads, then k heads, then v heads
+    o: Matrix  # [H * Dh, D]
+    mlp_norm: jax.Array  # [D]
+    gate_up: Matrix  # [D, 2F]: gate, then up
+    down: Matrix  # [F, D]
+    qkv_bias: jax.Array | None = None  # [(H + 2K) * Dh]
+    o_bias: jax.Array | None = None  # [D]
+    q_norm: jax.Array | None = None  # [Dh]
+    k_norm: jax.Array | None = None  # [Dh]
+    post_attn_norm: jax.Array | None = None  # [D] (sandwich norms)
+    post_mlp_norm: jax.Array | None = None  # [D]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Weights:
+    embed: jax.Array  # [V, D]
+    final_norm: jax.Array  # [D]
+    lm_head: Matrix | None  # [D, V]; None: tied to the embedding (embed^T)
+    layers: LayerWeights | list[LayerWeights]  # stacked (scan) or one per layer (unrolled)
+
+
+def prepare(params: Params, cfg: ModelConfig, *, unrolled: bool, quantize: str | None, act_quant: bool, xp=np):
+    """Checkpoint form -> compute form (`Weights`). `xp` is numpy for real weights (done on the
+    host: nothing compiles) or jax.numpy under `jax.eval_shape` for the abstract shapes."""
+    lp, L, D = params["layers"], cfg.num_layers, cfg.hidden_size
+    if quantize not in (None, "int8"):
+        raise ValueError(f"unsupported quantization {quantize!r} (supported: int8)")
+
+    def matrix(w):
+        return qt.quantize(w, act_quant, xp) if quantize == "int8" else w
+
+    def flat(name):  # [L, D, heads, Dh] -> [L, D, heads * Dh]
+        return lp[name].reshape(L, D, -1)
+
+    stacked = LayerWeights(
+        attn_norm=lp["attn_norm"],
+        qkv=matrix(xp.concatenate([flat("q"), flat("k"), flat("v")], axis=-1)),
+        o=matrix(lp["o"].reshape(L, -1, D)),
+        mlp_norm=lp["mlp_norm"],
+        gate_up=matrix(xp.concatenate([lp["gate"], lp["up"]], axis=-1)),
+        down=matrix(lp["down"]),
+        qkv_bias=(xp.concatenate([lp[f"{n}_bias"].reshape(L, -1) for n in "qkv"], axis=-1) if cfg.qkv_bias else None),
+        o_bias=lp.get("o_bias"),
+        q_norm=lp.get("q_norm"),
+        k_norm=lp.get("k_norm"),
+        post_attn_norm=lp.get("post_attn_norm"),
+        post_mlp_norm=lp.get("post_mlp_norm"),
+    )
+    layers = [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(L)] if unrolled else stacked
+    head = params.get("lm_head")
+    if quantize == "int8":  # the output head is the largest matrix of small models: int8 too
+        head = matrix(params["embed"].T if head is None else head)
+    return Weights(params["embed"], params["final_norm"], head, layers)
+
+
+def abstract_weights(cfg: ModelConfig, dtype: Any, **options: Any) -> Weights:
+    """ShapeDtypeStructs of `prepare(...)`'s result (for `.lower()` without weights)."""
+    return jax.eval_shape(lambda p: prepare(p, cfg, xp=jnp, **options), abstract_params(cfg, dtype))
 
 
 def init_params(cfg: ModelConfig, seed: int = 0, dtype: Any = jnp.float32, scale: float = 0.02) -> Params:

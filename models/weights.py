@@ -63,7 +63,7 @@ _IGNORED = ("rotary_emb.inv_freq",)
 
 
 def _layer_entry(cfg: ModelConfig, suffix: str) -> tuple[str, str | None] | None:
-    if cfg.family == "gemma" and suffix == "post_attention_layernorm.weight":
+    if cfg.sandwich_norms and suffix == "post_attention_layernorm.weight":
         return ("post_attn_norm", None)
     return LAYER_TABLE.get(suffix)
 

@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import logging
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the repo's packages importable
@@ -29,9 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models import transformer
 from models.errors import ModelLoadError
-from models.layers import KVCache
+from models.layers import KVCache, kv_shape
 from models.loader import LoadedModel, load_model
+from models.params import Weights, prepare
 from models.tokenizer import NoChatTemplateError
 
 PAGE_SIZE = 16
@@ -42,13 +42,13 @@ def _argmax_last(logits: jax.Array, last: jax.Array) -> jax.Array:
     return jnp.argmax(logits[0, last], axis=-1).astype(jnp.int32)
 
 
-def _forward(model: LoadedModel):
-    return _jitted_forward(model.arch)
+_forward = jax.jit(transformer.forward, static_argnums=1, donate_argnums=4)  # the KV cache is updated in place
 
 
-@functools.cache
-def _jitted_forward(arch: ModuleType):
-    return jax.jit(arch.forward, static_argnums=1, donate_argnums=4)  # the KV cache is updated in place
+def _weights(model: LoadedModel) -> Weights:
+    """The model's weights in compute form (stacked layers, unquantized)."""
+    host = jax.tree.map(np.asarray, model.params)
+    return prepare(host, model.cfg, unrolled=False, quantize=None, act_quant=False)
 
 
 def _bucket(n: int) -> int:
@@ -61,19 +61,19 @@ def _empty_cache(model: LoadedModel, prompt_len: int, max_tokens: int) -> tuple[
     lengths so that prompts of similar length share compiled shapes."""
     cfg = model.cfg
     width = _bucket(_bucket(prompt_len) + max_tokens) // PAGE_SIZE
-    shape = (cfg.num_layers, width + 1, PAGE_SIZE, cfg.num_kv_heads, cfg.head_dim)
+    shape = kv_shape(cfg, width + 1, PAGE_SIZE)
     dtype = jax.tree.leaves(model.params)[0].dtype
     page_table = jnp.arange(1, width + 1, dtype=jnp.int32)[None, :]  # [1, W]
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)), page_table
 
 
-def _prefill(model: LoadedModel, forward, prompt: Sequence[int], kv: KVCache, page_table: jax.Array):
+def _prefill(model: LoadedModel, weights: Weights, prompt: Sequence[int], kv: KVCache, page_table: jax.Array):
     T = _bucket(len(prompt))
     tokens = np.zeros((1, T), np.int32)
     positions = np.full((1, T), -1, np.int32)  # padding: masked, writes to the scratch page
     tokens[0, : len(prompt)] = prompt
     positions[0, : len(prompt)] = np.arange(len(prompt))
-    return forward(model.params, model.cfg, jnp.asarray(tokens), jnp.asarray(positions), kv, page_table)
+    return _forward(weights, model.cfg, jnp.asarray(tokens), jnp.asarray(positions), kv, page_table)
 
 
 def greedy_tokens(
@@ -82,16 +82,16 @@ def greedy_tokens(
     """Yield up to `max_tokens` greedy tokens after `prompt` (batch 1), ending after a stop id."""
     if not prompt:
         raise ValueError("the prompt is empty")
-    forward = _forward(model)
+    weights = _weights(model)
     kv, page_table = _empty_cache(model, len(prompt), max_tokens)
-    logits, kv = _prefill(model, forward, prompt, kv, page_table)
+    logits, kv = _prefill(model, weights, prompt, kv, page_table)
     token = int(_argmax_last(logits, len(prompt) - 1))
     for position in range(len(prompt), len(prompt) + max_tokens):
         yield token
         if token in stop_ids or position == len(prompt) + max_tokens - 1:
             return
         inputs = jnp.asarray([[token]], jnp.int32), jnp.asarray([[position]], jnp.int32)
-        logits, kv = forward(model.params, model.cfg, *inputs, kv, page_table)
+        logits, kv = _forward(weights, model.cfg, *inputs, kv, page_table)
         token = int(_argmax_last(logits, 0))
 
 
@@ -106,7 +106,7 @@ def prompt_logits(model: LoadedModel, prompt: Sequence[int], max_tokens: int = 0
     """float32 logits [T, V] of every prompt position, from one prefill through the paged cache
     (sized as `greedy_generate(..., max_tokens)` sizes it: the same compiled prefill)."""
     kv, page_table = _empty_cache(model, len(prompt), max_tokens)
-    logits, _ = _prefill(model, _forward(model), prompt, kv, page_table)
+    logits, _ = _prefill(model, _weights(model), prompt, kv, page_table)
     return np.asarray(logits[0, : len(prompt)])
 
 

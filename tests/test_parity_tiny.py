@@ -14,9 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import architecture
+from models import transformer
 from models.config import ModelConfig
-from models.layers import KVCache
+from models.layers import KVCache, kv_shape
+from models.params import prepare
 from models.safetensors_io import iter_tensors, safetensors_files
 from models.weights import assemble_params
 
@@ -104,14 +105,24 @@ def _hf_logits(model, prompt: list[int]) -> np.ndarray:
 
 def _empty_cache(cfg: ModelConfig, batch: int) -> tuple[KVCache, jnp.ndarray]:
     pages = 1 + batch * WIDTH  # page 0 is scratch
-    shape = (cfg.num_layers, pages, PAGE, cfg.num_kv_heads, cfg.head_dim)
+    shape = kv_shape(cfg, pages, PAGE)
     kv = KVCache(jnp.zeros(shape), jnp.zeros(shape))
     table = 1 + np.arange(batch * WIDTH, dtype=np.int32).reshape(batch, WIDTH)
     return kv, jnp.asarray(table[::-1].copy())  # reversed: page order must not matter
 
 
-def test_prefill_batch_matches_transformers(tiny):
+def _weights(params, cfg, loop: str):
+    host = jax.tree.map(np.asarray, params)
+    return prepare(host, cfg, unrolled=loop == "unroll", quantize=None, act_quant=False)
+
+
+LOOPS = pytest.mark.parametrize("loop", ["scan", "unroll"])
+
+
+@LOOPS
+def test_prefill_batch_matches_transformers(tiny, loop):
     cfg, params, model = tiny
+    params = _weights(params, cfg, loop)
     T = max(map(len, PROMPTS))
     tokens = np.zeros((len(PROMPTS), T), np.int32)
     positions = np.full((len(PROMPTS), T), -1, np.int32)
@@ -119,7 +130,7 @@ def test_prefill_batch_matches_transformers(tiny):
         tokens[b, : len(p)] = p
         positions[b, : len(p)] = np.arange(len(p))
     kv, table = _empty_cache(cfg, len(PROMPTS))
-    logits, _ = jax.jit(architecture(cfg).forward, static_argnums=1)(
+    logits, _ = jax.jit(transformer.forward, static_argnums=1)(
         params, cfg, jnp.asarray(tokens), jnp.asarray(positions), kv, table
     )
     for b, p in enumerate(PROMPTS):
@@ -127,10 +138,12 @@ def test_prefill_batch_matches_transformers(tiny):
         assert _rel_err(np.asarray(logits[b, : len(p)]), ref) < 1e-4
 
 
-def test_decode_step_by_step_matches_transformers(tiny):
+@LOOPS
+def test_decode_step_by_step_matches_transformers(tiny, loop):
     cfg, params, model = tiny
+    params = _weights(params, cfg, loop)
     kv, table = _empty_cache(cfg, len(PROMPTS))
-    forward = jax.jit(architecture(cfg).forward, static_argnums=1)
+    forward = jax.jit(transformer.forward, static_argnums=1)
     # prefill the first two tokens of every prompt, then one token per step (shorter prompts pad)
     steps = max(map(len, PROMPTS))
     got = [[] for _ in PROMPTS]
