@@ -9,6 +9,12 @@ multiplies is chosen by whoever quantized it (`graph/` decides per backend; mode
   fuses there into one kernel reading int8 weights.
 Both functions below are written once for numpy and jax.numpy (`xp`): the engine quantizes real
 weights on the host, and the same code run under `jax.eval_shape` gives the abstract shapes.
+
+Per-row activation scales lose the small channels of a row that has a few large outlier channels
+(residual streams do). For W8A8 the input dimension is therefore rotated by a block-diagonal
+Hadamard matrix first (as QuaRot does, without calibration): y = x W = (x R)(R^T W) exactly, and
+in x R each outlier is spread over its block of `ROTATE_BLOCK` channels. R^T W is folded into the
+weights on the host; x R is one small [b, b] product per block at run time.
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+ROTATE_BLOCK = 64  # Hadamard block size for W8A8 (the largest power of two <= this dividing `in`)
 
 
 @jax.tree_util.register_dataclass
@@ -26,19 +35,48 @@ class QTensor:
     q: Any  # int8 [..., in, out]
     scale: Any  # float32 [..., out]
     act_quant: bool = dataclasses.field(default=True, metadata={"static": True})
+    rotate: int = dataclasses.field(default=0, metadata={"static": True})  # Hadamard block; 0: none
 
     @property
     def shape(self) -> tuple[int, ...]:
         return self.q.shape
 
 
+def hadamard(n: int) -> np.ndarray:
+    """The orthonormal (and symmetric) Hadamard matrix of order n, a power of two."""
+    h = np.ones((1, 1), np.float32)
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return h / np.float32(np.sqrt(n))
+
+
+def rotation_block(n_in: int) -> int:
+    b = ROTATE_BLOCK
+    while b >= 8 and n_in % b:
+        b //= 2
+    return b if b >= 8 else 0
+
+
+def _rotate(x: Any, block: int, xp: Any, axis: int) -> Any:
+    """x with dimension `axis` (-1 or -2) multiplied block-wise by the Hadamard matrix."""
+    h = xp.asarray(hadamard(block))
+    if axis == -1:
+        return (x.reshape(*x.shape[:-1], -1, block) @ h).reshape(x.shape)
+    blocks = x.reshape(*x.shape[:-2], -1, block, x.shape[-1])  # [..., in/b, b, out]
+    return xp.einsum("cb,...jbo->...jco", h, blocks).reshape(x.shape)
+
+
 def quantize(w: Any, act_quant: bool, xp: Any) -> QTensor:
-    """Symmetric int8 with a scale per output channel (the last axis), over the input axis."""
+    """Symmetric int8 with a scale per output channel (the last axis), over the input axis; for
+    W8A8 with the input axis Hadamard-rotated first (see the module docstring)."""
     w32 = w.astype(xp.float32)
+    rotate = rotation_block(w.shape[-2]) if act_quant else 0
+    if rotate:
+        w32 = _rotate(w32, rotate, xp, axis=-2)
     amax = xp.max(xp.abs(w32), axis=-2)
     scale = xp.where(amax > 0, amax / 127.0, 1.0).astype(xp.float32)
     q = xp.clip(xp.round(w32 / scale[..., None, :]), -127, 127).astype(xp.int8)
-    return QTensor(q, scale, act_quant)
+    return QTensor(q, scale, act_quant, rotate)
 
 
 def linear(x: jax.Array, w: jax.Array | QTensor, out_dtype: Any = None) -> jax.Array:
@@ -51,6 +89,8 @@ def linear(x: jax.Array, w: jax.Array | QTensor, out_dtype: Any = None) -> jax.A
         return (y * w.scale).astype(out_dtype)
     lead, n_in = x.shape[:-1], x.shape[-1]
     rows = x.reshape(-1, n_in).astype(jnp.float32)
+    if w.rotate:
+        rows = _rotate(rows, w.rotate, jnp, axis=-1)
     m = rows.shape[0]
     if m == 1:  # M = 1 would leave YNNPACK for a one-core matrix-vector loop
         rows = jnp.pad(rows, ((0, 1), (0, 0)))
