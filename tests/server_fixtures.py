@@ -168,6 +168,15 @@ def aot_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _compile_aot(tmp_path_factory.mktemp("aot") / "smollm2-small")
 
 
+def start_make_serve(args: list[str], log_path: Path) -> ServerProcess:
+    """The README's `make serve ARGS="..."` (kill with `os.killpg`: make and the server it started)."""
+    make = ["make"]
+    dry_run = subprocess.run(["make", "-n", "serve"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    if stamp := re.search(r"^touch (\S+)$", dry_run, re.MULTILINE):  # a venv not made by make: take it as is
+        make += ["-o", stamp[1]]
+    return ServerProcess([], log_path, command=[*make, "serve", f"ARGS={' '.join(args)}"]).start()
+
+
 def start_server(aot: Path, log_path: Path, *extra: str) -> ServerProcess:
     """A server over the session's AOT artifact (not yet ready: call wait_ready)."""
     return ServerProcess([*SMALL_ENGINE, "--aot-dir", str(aot), *extra], log_path).start()

@@ -52,14 +52,27 @@ def _start(config: EngineConfig) -> tuple[dict, str]:
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
 
 
-@pytest.fixture(scope="module")
-def artifact(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("aot") / "smollm2"
-    cmd = [sys.executable, "-m", "graph.aot", "--model", "smollm2-135m-instruct", "--out", str(out), *BUCKET_ARGS]
+def _make_artifact(out: Path, *extra: str) -> Path:
+    cmd = [
+        sys.executable,
+        "-m",
+        "graph.aot",
+        "--model",
+        "smollm2-135m-instruct",
+        "--out",
+        str(out),
+        *BUCKET_ARGS,
+        *extra,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "manifest.json").exists()
     return out
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory) -> Path:
+    return _make_artifact(tmp_path_factory.mktemp("aot") / "smollm2")
 
 
 def test_start_from_artifact_compiles_nothing(artifact):
@@ -71,6 +84,19 @@ def test_start_from_artifact_compiles_nothing(artifact):
     assert warm["text"] == cold["text"]
     # reported, not asserted: a wall-clock race between two processes is no test
     print(f"\ncold start {cold['ready_s']:.1f}s, start from artifact {warm['ready_s']:.1f}s")
+
+
+def test_int8_artifact_starts_with_zero_compilations(tmp_path, smol_model):
+    config = dataclasses.replace(CONFIG, quantize="int8")
+    int8 = _make_artifact(tmp_path / "int8", "--quantize", "int8")
+    assert json.loads((int8 / "manifest.json").read_text())["quantize"] == "int8"
+    warm, log = _start(dataclasses.replace(config, aot_dir=str(int8)))
+    assert warm["compiles"] == 0 and "Compiling" not in log
+    assert warm["text"]  # it generates
+    with pytest.raises(ArtifactMismatchError, match="quantize"):  # and a float32 server refuses it
+        ExecutableTable.load(
+            int8, smol_model.cfg, "float32", CONFIG, Buckets.from_config(CONFIG), smol_model.fingerprint
+        )
 
 
 def test_manifest_describes_the_artifact(artifact):

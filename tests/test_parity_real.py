@@ -97,3 +97,36 @@ def test_greedy_continuation_matches_transformers(real):
                 f"ours:         {model.tokenizer.decode(ours)!r}\n"
                 f"transformers: {model.tokenizer.decode(ref)!r}"
             )
+
+
+@pytest.mark.parametrize("chunk", [4, 16], ids=["chunked", "unchunked"])
+def test_engine_greedy_matches_transformers(real, chunk):
+    """Through the whole engine (its default layer loop, paged prefill in one chunk or in chunks
+    of 4 tokens, decode steps of the batch), with and without prompt logprobs."""
+    from graph.api import EngineConfig, SamplingParams
+    from graph.offline import LLM
+
+    model, hf = real
+    prompts = [_ids(model, p) for p in PROMPTS[model.name]]
+    refs = hf_greedy(hf, prompts, NEW_TOKENS)
+    seq = 128 if len(prompts[0]) + NEW_TOKENS <= 128 else 256
+    config = EngineConfig(
+        max_batch=4, max_seq_len=seq, min_context_tokens=seq, min_prefill_tokens=chunk,
+        max_prefill_tokens=chunk if chunk < len(prompts[0]) else 64, kv_pages=4 * seq // 16 + 1,
+    )  # fmt: skip
+    llm = LLM(model, config)
+    try:
+        for prompt_logprobs in (None, 1):
+            params = SamplingParams(
+                max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True, prompt_logprobs=prompt_logprobs
+            )
+            out = llm.generate(prompts, params)
+            assert [c.token_ids for c in out] == refs, f"{model.name}, prompt_logprobs={prompt_logprobs}"
+            if prompt_logprobs:  # log p(prompt[t+1] | prompt[:t+1]), from transformers' logits
+                shifted = _hf_logits(hf, prompts[0]) - _hf_logits(hf, prompts[0]).max(-1, keepdims=True)
+                logprobs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+                want = [logprobs[i, t] for i, t in enumerate(prompts[0][1:])]
+                got = [lp.logprob for lp in out[0].prompt_logprobs[1:]]
+                np.testing.assert_allclose(got, want, atol=1e-3)
+    finally:
+        llm.shutdown()

@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
 
 import httpx
 import pytest
 
 pytest.register_assert_rewrite("tests.server_fixtures")
 
-from tests.server_fixtures import MODEL, REPO, SMALL_ENGINE, ServerProcess  # noqa: E402
+from tests.server_fixtures import MODEL, REPO, SMALL_ENGINE, start_make_serve  # noqa: E402
 
 # aot_dir (the session's compiled bucket set)
 pytest_plugins = ("tests.server_fixtures",)
@@ -21,12 +20,8 @@ pytest_plugins = ("tests.server_fixtures",)
 def test_readme_serve_command_reaches_ready(aot_dir, tmp_path):
     readme = (REPO / "README.md").read_text()
     assert re.search(r"^make serve\b", readme, re.MULTILINE), "the README no longer shows `make serve`"
-    make = ["make"]
-    dry_run = subprocess.run(["make", "-n", "serve"], cwd=REPO, capture_output=True, text=True, check=True).stdout
-    if stamp := re.search(r"^touch (\S+)$", dry_run, re.MULTILINE):  # a venv not made by make: take it as is
-        make += ["-o", stamp[1]]
-    args = " ".join(["--port", "0", *SMALL_ENGINE, "--aot-dir", str(aot_dir)])
-    proc = ServerProcess([], tmp_path / "make-serve.log", command=[*make, "serve", f"ARGS={args}"]).start()
+    args = ["--port", "0", *SMALL_ENGINE, "--aot-dir", str(aot_dir)]
+    proc = start_make_serve(args, tmp_path / "make-serve.log")
     try:
         url = proc.wait_ready(timeout=300)
         assert httpx.get(url + "/health", timeout=30).json() == {"status": "ok"}

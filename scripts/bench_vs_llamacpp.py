@@ -1,0 +1,128 @@
+"""xlaserve against llama.cpp's server, side by side in one sitting, with the same load generator
+(../shared/bench/load.py): 128-word prompts, 128 output tokens, streaming /v1/completions, greedy
+with end-of-sequence ignored, at several concurrencies. The servers run one after the other, each
+alone on the machine; the table gives each side's output tokens/s, ITL and TTFT and the ratio.
+
+    ../shared/bench/build_llamacpp.sh /tmp/llamacpp
+    .venv/bin/python scripts/bench_vs_llamacpp.py --ours "--quantize int8" --concurrency 1 8 16 32
+
+llama.cpp serves the model's own GGUF file (SmolLM2's Q4_1, Gemma's Q4_K_M) with `-t 2`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+if __package__ in (None, ""):  # run as a script: make the repo's packages importable
+    sys.path.insert(0, str(REPO))
+
+LOAD = REPO.parent / "shared" / "bench" / "load.py"
+READY = re.compile(r"Server ready on (http://\S+)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def llamacpp(binary: str, gguf: Path, slots: int) -> Iterator[str]:
+    port = free_port()
+    command = [binary, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t", "2",
+               "-np", str(slots), "-c", str(512 * slots), "--log-disable"]  # fmt: skip
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("llama-server did not start")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+
+
+@contextlib.contextmanager
+def xlaserve(model: str, extra: list[str]) -> Iterator[str]:
+    command = [sys.executable, "-m", "serving.main", "--model", model, "--port", "0", *extra]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in proc.stdout:
+            if m := READY.search(line):
+                yield m[1]
+                break
+        else:
+            raise RuntimeError(f"xlaserve exited with {proc.wait()}")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(120)
+
+
+def run_load(url: str, concurrency: int, requests: int, args: argparse.Namespace) -> dict:
+    command = [sys.executable, str(LOAD), "--base-url", url, "--endpoint", "completions", "--json",
+               "--concurrency", str(concurrency), "--num-requests", str(requests), "--prompt-tokens",
+               str(args.prompt_tokens), "--max-tokens", str(args.max_tokens), "--ignore-eos",
+               "--warmup", "1"]  # fmt: skip
+    out = subprocess.run(command, capture_output=True, text=True, timeout=3600)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--ours", default="", help="extra xlaserve flags, e.g. '--quantize int8'")
+    parser.add_argument("--llama-server", default="/tmp/llamacpp/build/bin/llama-server")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16, 32])
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--skip-llamacpp", action="store_true")
+    args = parser.parse_args()
+    from models.loader import resolve
+
+    gguf = resolve(args.model)[1]
+    levels = [(c, max(8, 2 * c)) for c in args.concurrency]
+    results: dict[str, dict[int, dict]] = {"llama.cpp": {}, "xlaserve": {}}
+    if not args.skip_llamacpp:
+        with llamacpp(args.llama_server, gguf, max(args.concurrency)) as url:
+            for c, n in levels:
+                results["llama.cpp"][c] = run_load(url, c, n, args)
+                print("llama.cpp", c, json.dumps(results["llama.cpp"][c]), flush=True)
+    with xlaserve(args.model, shlex.split(args.ours)) as url:
+        for c, n in levels:
+            results["xlaserve"][c] = run_load(url, c, n, args)
+            print("xlaserve", c, json.dumps(results["xlaserve"][c]), flush=True)
+    print(f"\n{args.model}, xlaserve {args.ours or '(defaults)'}")
+    print("| concurrency | xlaserve tok/s | llama.cpp tok/s | ratio | xlaserve ITL p50/p99 ms | "
+          "llama.cpp ITL p50/p99 ms | xlaserve TTFT p50 ms | llama.cpp TTFT p50 ms |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for c, _ in levels:
+        ours, theirs = results["xlaserve"][c], results["llama.cpp"].get(c, {})
+        ratio = ours["output_tok_per_s"] / theirs["output_tok_per_s"] if theirs else float("nan")
+        print(f"| {c} | {ours['output_tok_per_s']:.1f} | {theirs.get('output_tok_per_s', float('nan')):.1f} | "
+              f"{ratio:.2f}x | {ours['itl_ms_p50']:.0f} / {ours['itl_ms_p99']:.0f} | "
+              f"{theirs.get('itl_ms_p50', 0):.0f} / {theirs.get('itl_ms_p99', 0):.0f} | "
+              f"{ours['ttft_ms_p50']:.0f} | {theirs.get('ttft_ms_p50', 0):.0f} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

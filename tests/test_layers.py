@@ -1,0 +1,78 @@
+"""The blocks under the model: head-major paged attention against dense attention computed from
+the same keys and values (no cache), and int8 matrices against float32."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models.layers import KVCache, paged_attention, write_kv
+from models.quant import _rotate, linear, quantize, rotation_block
+
+B, K, G, Dh, S, W, L = 3, 2, 3, 8, 4, 5, 2  # 3 sequences, 2 kv heads x 3 queries each, 5 pages of 4
+LENGTHS = (17, 6, 20)
+
+
+def _dense_attention(q, k, v, length, scale, window):
+    """q [T, H, Dh] at positions 0..T-1 over k, v [T, K, Dh]: plain causal softmax attention."""
+    out = np.zeros_like(q)
+    for t in range(length):
+        for h in range(K * G):
+            lo = max(0, t - window + 1) if window else 0
+            s = (k[lo : t + 1, h // G] @ q[t, h]) * scale
+            p = np.exp(s - s.max())
+            out[t, h] = (p / p.sum()) @ v[lo : t + 1, h // G]
+    return out
+
+
+@pytest.mark.parametrize("window", [0, 5])
+@pytest.mark.parametrize("layer", [1, "traced"])
+def test_head_major_paged_attention_equals_dense_attention(window, layer):
+    rng = np.random.default_rng(0)
+    T = max(LENGTHS)
+    q = rng.normal(size=(B, T, K * G, Dh)).astype(np.float32)
+    k = rng.normal(size=(B, T, K, Dh)).astype(np.float32)
+    v = rng.normal(size=(B, T, K, Dh)).astype(np.float32)
+    positions = np.full((B, T), -1, np.int32)
+    for b, n in enumerate(LENGTHS):
+        positions[b, :n] = np.arange(n)
+    pages = rng.permutation(np.arange(1, 1 + B * W)).reshape(B, W).astype(np.int32)  # page order is random
+    shape = (L, K, 1 + B * W, S, Dh)
+
+    @jax.jit
+    def run(layer_index):
+        lay = 1 if layer == 1 else layer_index
+        cache = KVCache(jnp.zeros(shape), jnp.zeros(shape))
+        cache = KVCache(write_kv(cache.k, lay, k, pages, positions), write_kv(cache.v, lay, v, pages, positions))
+        return paged_attention(q, cache, lay, pages, positions, scale=0.3, window=window, softcap=None)
+
+    out = np.asarray(run(jnp.int32(1)))
+    for b, n in enumerate(LENGTHS):
+        ref = _dense_attention(q[b], k[b], v[b], n, 0.3, window)
+        np.testing.assert_allclose(out[b, :n], ref[:n], atol=1e-5, rtol=1e-5)
+
+
+def test_hadamard_rotation_is_exact_and_undone_by_itself():
+    x = np.random.default_rng(1).normal(size=(3, 192)).astype(np.float32)
+    block = rotation_block(192)
+    assert block == 64
+    np.testing.assert_allclose(_rotate(_rotate(x, block, np, -1), block, np, -1), x, atol=1e-5)
+    w = np.random.default_rng(2).normal(size=(192, 7)).astype(np.float32)
+    np.testing.assert_allclose(_rotate(x, block, np, -1) @ _rotate(w, block, np, -2), x @ w, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("act_quant", [True, False], ids=["w8a8", "weight-only"])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_int8_linear_is_close_to_float32(act_quant, rows):
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(256, 96)).astype(np.float32)
+    x = rng.normal(size=(rows, 256)).astype(np.float32)
+    x[:, 7] *= 30  # an outlier channel, as residual streams have
+    ref = x @ w
+    qw = jax.tree.map(jnp.asarray, quantize(w, act_quant, np))
+    assert qw.q.dtype == jnp.int8 and qw.scale.shape == (96,)
+    got = np.asarray(jax.jit(linear)(jnp.asarray(x), qw))
+    assert got.shape == ref.shape
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 0.02
