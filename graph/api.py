@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 MAX_TOP_LOGPROBS = 20
+LAYER_LOOPS = ("auto", "scan", "unroll", "layered")  # see graph/programs.py
 
 
 class EngineError(Exception):
@@ -42,15 +43,15 @@ class EngineConfig:
     max_queue: int = 256  # waiting requests beyond this get QueueFullError
     dtype: str = "float32"  # float32 | bfloat16
     quantize: str = "none"  # none | int8: int8 weights (int8 x int8 dots on CPU, weight-only on GPU/TPU)
-    layer_loop: str = "auto"  # auto (unroll on CPU, else scan) | scan: lax.scan over stacked layers | unroll
+    layer_loop: str = "auto"  # auto (layered on CPU, else scan) | scan | unroll | layered: one executable per layer
     aot_dir: str | None = None  # load executables from here instead of compiling
     debug_step_delay: float = 0.0  # testing: seconds to sleep before each step (simulates a slow device)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, not {self.dtype!r}")
-        if self.layer_loop not in ("auto", "scan", "unroll"):
-            raise ValueError(f"layer_loop must be auto, scan or unroll, not {self.layer_loop!r}")
+        if self.layer_loop not in LAYER_LOOPS:
+            raise ValueError(f"layer_loop must be one of {', '.join(LAYER_LOOPS)}, not {self.layer_loop!r}")
         if self.quantize not in ("none", "int8"):
             raise ValueError(f"quantize must be none or int8, not {self.quantize!r}")
         for name in ("max_batch", "max_seq_len", "page_size", "max_prefill_tokens", "min_prefill_tokens", "max_queue"):

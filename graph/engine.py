@@ -36,7 +36,7 @@ from graph.api import (
 )
 from graph.batching import build_decode, build_prefill
 from graph.buckets import Buckets
-from graph.executables import INIT_KV, ExecutableTable
+from graph.executables import ExecutableTable
 from graph.kv_cache import PageAllocator, kv_bytes_per_page, plan_num_pages
 from graph.layout import device_weights
 from graph.outputs import OutputProcessor
@@ -99,7 +99,7 @@ class Engine:
         )
         self.outputs = OutputProcessor(model.tokenizer, model.cfg, config.max_seq_len)
         self.params = device_weights(model.params, model.cfg, config)
-        self.kv = table.get(INIT_KV)()
+        self.kv = table.init_kv()
         self._lock = threading.Condition()
         self._inbox: list[tuple[Sequence, RequestStream]] = []
         self._aborts: list[str] = []

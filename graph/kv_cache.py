@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +18,7 @@ import numpy as np
 
 from graph.api import EngineConfig
 from graph.buckets import Buckets
-from graph.executables import lower, name
+from graph.executables import lower
 from models.config import ModelConfig
 from models.params import DTYPES
 
@@ -134,19 +134,25 @@ def plan_num_pages(model: LoadedModel, config: EngineConfig, buckets: Buckets) -
     if config.kv_pages is not None:
         return plan_pages(MemoryPlan(config.kv_pages, 0, "", 1.0), 1, buckets.max_pages)
     largest_prefill = max(buckets.prefill_keys(), key=lambda k: (k[2], k[3]))
-    probe = lower(model.cfg, model.dtype, config, buckets.max_pages + 1, largest_prefill).compile()
-    analysis = probe.memory_analysis()
-    temp = int(getattr(analysis, "temp_size_in_bytes", 0) or 0) if analysis is not None else 0
+    probes = lower(model.cfg, model.dtype, config, buckets.max_pages + 1, largest_prefill)
+    temps = {n: _temp_bytes(p.compile()) for n, p in probes.items()}
+    owner = max(temps, key=temps.get)
+    temp = temps[owner]
     per_page = kv_bytes_per_page(model.cfg, config.page_size, model.dtype)
     full_batch = (config.max_batch * buckets.max_pages + 1) * per_page
     weights = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(model.params))
-    plan = memory_plan(config, weights, temp, name(largest_prefill), full_batch)
+    plan = memory_plan(config, weights, temp, owner, full_batch)
     pages = plan_pages(plan, per_page, buckets.max_pages)
     log.info(
         "KV pool: %d pages (%.0f MiB); %.0f MiB available, %.0f MiB of temporaries (%s)",
         pages, pages * per_page / 2**20, plan.available / 2**20, temp / 2**20, plan.temp_owner,
     )  # fmt: skip
     return pages
+
+
+def _temp_bytes(compiled: Any) -> int:
+    analysis = compiled.memory_analysis()
+    return int(getattr(analysis, "temp_size_in_bytes", 0) or 0) if analysis is not None else 0
 
 
 def kv_bytes_per_page(cfg: ModelConfig, page_size: int, dtype: str) -> int:

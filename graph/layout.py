@@ -1,7 +1,8 @@
 """How the weights sit on the device, chosen per backend: the layer loop (per-layer buffers on
-XLA:CPU, where `lax.scan` copies each layer's slice of a stacked weight before using it; `scan`
-elsewhere, where the slice fuses) and the int8 lowering (`--quantize int8`: int8 x int8 dots on
-CPU, weight-only int8 on GPU/TPU; see `models/quant.py`).
+XLA:CPU, where `lax.scan` copies each layer's slice of a stacked weight before using it, run as
+one executable per layer: `layered`; `scan` elsewhere, where the slice fuses) and the int8
+lowering (`--quantize int8`: int8 x int8 dots on CPU, weight-only int8 on GPU/TPU; see
+`models/quant.py`).
 """
 
 from __future__ import annotations
@@ -18,15 +19,15 @@ from models.params import DTYPES, Weights, abstract_weights, prepare
 
 
 def layer_loop(config: EngineConfig) -> str:
-    """The loop the executables use: `auto` resolved for this backend."""
+    """The loop the executables use (graph/programs.py): `auto` resolved for this backend."""
     if config.layer_loop != "auto":
         return config.layer_loop
-    return "unroll" if jax.default_backend() == "cpu" else "scan"
+    return "layered" if jax.default_backend() == "cpu" else "scan"
 
 
 def weight_options(config: EngineConfig) -> dict[str, Any]:
     return {
-        "unrolled": layer_loop(config) == "unroll",
+        "unrolled": layer_loop(config) in ("unroll", "layered"),
         "quantize": None if config.quantize == "none" else config.quantize,
         "act_quant": jax.default_backend() == "cpu",
     }

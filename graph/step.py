@@ -15,12 +15,13 @@ import jax
 import jax.numpy as jnp
 
 from graph.api import MAX_TOP_LOGPROBS
-from graph.sampling import SampleOut, SamplingArrays, sample, top_alternatives
+from graph.sampling import MAX_LOGIT_BIAS, MAX_SUPPRESS, SampleOut, SamplingArrays, sample, top_alternatives
 from models import transformer
 from models.config import ModelConfig
 from models.layers import KVCache, unembed
 from models.params import Weights
 
+Key = tuple[str, int, int, int]  # a bucket: (phase, batch, tokens, context pages)
 PROMPT_LOGPROB_SLICE = 16  # tokens whose full-vocabulary logits exist at once
 
 
@@ -34,6 +35,39 @@ class StepInputs(NamedTuple):
     prompt_len: jax.Array  # i32 [B]
     next_tokens: jax.Array  # i32 [B, T]: the token after each position (prompt logprobs), -1 none
     want_prompt_logprobs: jax.Array  # bool []
+
+
+def abstract_inputs(key: Key, max_seq_len: int) -> StepInputs:
+    _, B, T, W = key
+    i32, f32 = jnp.int32, jnp.float32
+
+    def a(shape, dtype=i32):
+        return jax.ShapeDtypeStruct(shape, dtype)
+
+    return StepInputs(
+        tokens=a((B, T)),
+        positions=a((B, T)),
+        page_table=a((B, W)),
+        last_index=a((B,)),
+        sampling=SamplingArrays(
+            temperature=a((B,), f32),
+            top_k=a((B,)),
+            top_p=a((B,), f32),
+            min_p=a((B,), f32),
+            presence=a((B,), f32),
+            frequency=a((B,), f32),
+            repetition=a((B,), f32),
+            bias_ids=a((B, MAX_LOGIT_BIAS)),
+            bias_values=a((B, MAX_LOGIT_BIAS), f32),
+            suppress_ids=a((B, MAX_SUPPRESS)),
+            seed=a((B,), jnp.uint32),
+            want_top=a((B,), jnp.bool_),
+        ),
+        history=a((B, max_seq_len)),
+        prompt_len=a((B,)),
+        next_tokens=a((B, T)),
+        want_prompt_logprobs=a((), jnp.bool_),
+    )
 
 
 class PromptLogprobs(NamedTuple):
@@ -69,9 +103,8 @@ def _prompt_logprobs(w: Weights, cfg: ModelConfig, h: jax.Array, next_tokens: ja
     return jax.tree.map(unslice, jax.lax.map(one, (h, nxt)))
 
 
-def step(w: Weights, kv: KVCache, inp: StepInputs, *, cfg: ModelConfig, prefill: bool):
-    """-> (kv, StepOutputs)."""
-    h, kv = transformer.hidden(w, cfg, inp.tokens, inp.positions, kv, inp.page_table)  # [B, T, D]
+def back(w: Weights, h: jax.Array, inp: StepInputs, *, cfg: ModelConfig, prefill: bool) -> StepOutputs:
+    """Final-normed hidden [B, T, D] -> the sampled token of each row (+ prompt logprobs)."""
     last = jnp.take_along_axis(h, inp.last_index[:, None, None], axis=1)[:, 0]  # [B, D]
     logits = unembed(w, cfg, last)  # f32 [B, V]
     sample_pos = jnp.take_along_axis(inp.positions, inp.last_index[:, None], axis=1)[:, 0] + 1
@@ -87,7 +120,34 @@ def step(w: Weights, kv: KVCache, inp: StepInputs, *, cfg: ModelConfig, prefill:
         prompt = jax.lax.cond(
             inp.want_prompt_logprobs, lambda: _prompt_logprobs(w, cfg, h, inp.next_tokens), lambda: zeros
         )
-    return kv, StepOutputs(out, prompt)
+    return StepOutputs(out, prompt)
+
+
+def step(w: Weights, kv: KVCache, inp: StepInputs, *, cfg: ModelConfig, prefill: bool):
+    """The whole step in one executable: -> (kv, StepOutputs)."""
+    h, kv = transformer.hidden(w, cfg, inp.tokens, inp.positions, kv, inp.page_table)  # [B, T, D]
+    return kv, back(w, h, inp, cfg=cfg, prefill=prefill)
+
+
+# The same step as a chain of executables (`layer_loop="layered"`): front, then `layers` once per
+# group of layers with those layers' weights (separate buffers: nothing is copied), then the head.
+
+
+def front(w: Weights, tokens: jax.Array, positions: jax.Array, *, cfg: ModelConfig):
+    """-> (h [B, T, D], global rope, local rope)."""
+    return (transformer.embed(w, cfg, tokens), *transformer.ropes(cfg, positions))
+
+
+def layers(lws, h, kv: KVCache, index, sliding, window, page_table, positions, global_rope, local_rope, *, cfg):
+    """A group of decoder layers; `index`, `sliding` and `window` are [G] arrays. -> (h, kv)."""
+    for g, lw in enumerate(lws):
+        rope = jax.tree.map(lambda a, b, s=sliding[g]: jnp.where(s, b, a), global_rope, local_rope)
+        h, kv = transformer.block(cfg, lw, h, kv, index[g], page_table, positions, rope, window[g])
+    return h, kv
+
+
+def head(w: Weights, h: jax.Array, inp: StepInputs, *, cfg: ModelConfig, prefill: bool) -> StepOutputs:
+    return back(w, transformer.final_norm(w, cfg, h), inp, cfg=cfg, prefill=prefill)
 
 
 def init_kv(shape: tuple[int, ...], dtype) -> KVCache:

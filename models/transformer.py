@@ -35,6 +35,33 @@ def block(cfg: ModelConfig, lw: LayerWeights, h, kv: KVCache, layer, page_table,
     return h, kv
 
 
+def embed(w: Weights, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
+    """tokens [B, T] -> h [B, T, D]."""
+    h = w.embed[tokens]
+    if cfg.embed_scale:
+        h = h * jnp.asarray(cfg.hidden_size**0.5, h.dtype)
+    return h
+
+
+Rope = tuple[jax.Array, jax.Array]
+
+
+def ropes(cfg: ModelConfig, positions: jax.Array) -> tuple[Rope, Rope]:
+    """(global, local) rotary tables for `positions` (the same pair without a local base)."""
+    global_rope = rope_tables(cfg.rope, cfg.head_dim, positions)
+    local_rope = rope_tables(cfg.rope_local, cfg.head_dim, positions) if cfg.rope_local else global_rope
+    return global_rope, local_rope
+
+
+def windows(cfg: ModelConfig) -> list[int]:
+    """Each layer's sliding window (0: global attention)."""
+    return [(cfg.sliding_window or 0) if s else 0 for s in cfg.sliding_flags]
+
+
+def final_norm(w: Weights, cfg: ModelConfig, h: jax.Array) -> jax.Array:
+    return rms_norm(h, w.final_norm, cfg.rms_norm_eps, cfg.norm_plus_one)
+
+
 def hidden(
     w: Weights,
     cfg: ModelConfig,
@@ -45,16 +72,12 @@ def hidden(
 ) -> tuple[jax.Array, KVCache]:
     """Embedding, the layers (unrolled over a list, or `lax.scan` over stacked weights), and the
     final norm: -> (hidden [B, T, D], kv)."""
-    h = w.embed[tokens]  # [B, T, D]
-    if cfg.embed_scale:
-        h = h * jnp.asarray(cfg.hidden_size**0.5, h.dtype)
-    global_rope = rope_tables(cfg.rope, cfg.head_dim, positions)
-    local_rope = rope_tables(cfg.rope_local, cfg.head_dim, positions) if cfg.rope_local else global_rope
-    windows = [cfg.sliding_window or 0 if s else 0 for s in cfg.sliding_flags]
+    h = embed(w, cfg, tokens)
+    global_rope, local_rope = ropes(cfg, positions)
     if isinstance(w.layers, list):
         for i, lw in enumerate(w.layers):
             rope = local_rope if cfg.sliding_flags[i] else global_rope
-            h, kv = block(cfg, lw, h, kv, i, page_table, positions, rope, windows[i])
+            h, kv = block(cfg, lw, h, kv, i, page_table, positions, rope, windows(cfg)[i])
     else:
 
         def step(carry, xs):
@@ -67,10 +90,10 @@ def hidden(
             w.layers,
             jnp.arange(cfg.num_layers, dtype=jnp.int32),
             jnp.asarray(cfg.sliding_flags),
-            jnp.asarray(windows, jnp.int32),
+            jnp.asarray(windows(cfg), jnp.int32),
         )
         (h, kv), _ = jax.lax.scan(step, (h, kv), xs)
-    return rms_norm(h, w.final_norm, cfg.rms_norm_eps, cfg.norm_plus_one), kv
+    return final_norm(w, cfg, h), kv
 
 
 def forward(w: Weights, cfg: ModelConfig, tokens, positions, kv: KVCache, page_table):

@@ -10,6 +10,7 @@ the cache of every row (random pages of a pool sized for the batch), greedy samp
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -22,10 +23,10 @@ import numpy as np
 
 from graph.api import EngineConfig, SamplingParams
 from graph.buckets import Buckets
-from graph.executables import abstract_inputs, lower
+from graph.executables import ExecutableTable
 from graph.layout import device_weights
 from graph.sampling import host_arrays
-from graph.step import StepInputs
+from graph.step import StepInputs, abstract_inputs
 from models.loader import load_model
 
 
@@ -57,10 +58,13 @@ def time_variant(model, variant: str, batches: list[int], args) -> None:
     num_pages = max(batches) * W + 1
     weights = device_weights(model.params, model.cfg, config)
     rng = np.random.default_rng(0)
+    only = dataclasses.replace(buckets, prefill_tokens=(), decode_batch=tuple(batches), context_pages=(W,))
+    started = time.perf_counter()
+    table = ExecutableTable.compile(model.cfg, model.dtype, config, only, num_pages)
+    print(f"{variant:>14} compiled {len(table.executables)} executables in {time.perf_counter() - started:.1f}s")
     for B in batches:
         key = ("decode", B, 1, W)
-        compiled = lower(model.cfg, model.dtype, config, num_pages, key).compile()
-        kv = lower(model.cfg, model.dtype, config, num_pages, ("init_kv", 0, 0, 0)).compile()()
+        compiled, kv = table.get(key), table.init_kv()
         inputs = jax.device_put(step_inputs(key, config, args.context, num_pages, rng))
         for _ in range(3):
             kv, out = compiled(weights, kv, inputs)

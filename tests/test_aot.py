@@ -103,7 +103,8 @@ def test_manifest_describes_the_artifact(artifact):
     manifest = json.loads((artifact / "manifest.json").read_text())
     for key in ("jax", "jaxlib", "backend", "device_kind", "device_count", "model_fingerprint", "dtype", "buckets"):
         assert key in manifest
-    assert manifest["memory"]["decode_b2_t1_p8"]["temp_size_in_bytes"] > 0
+    assert manifest["layer_loop"] == "layered"  # the CPU default: front, layers (per group), head
+    assert manifest["memory"]["layers_b2_t1_p8"]["temp_size_in_bytes"] > 0
 
 
 @pytest.mark.parametrize(

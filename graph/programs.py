@@ -1,0 +1,144 @@
+"""What runs for one step bucket, by layer loop, and the lowering of each of its executables.
+
+- `scan` and `unroll`: one executable, `step(weights, kv, inputs)`, the layers under `lax.scan`
+  (stacked weights: the layout TPU fuses) or unrolled over per-layer buffers.
+- `layered` (the CPU default): a chain of three executables: `front` (embedding and rotary tables,
+  per batch and token bucket), `layers` called once per group of `group_size(cfg)` layers with
+  those layers' weight buffers and the KV pool donated (per batch, token and context bucket), then
+  `head` (final norm, logits, sampling, prompt logprobs; per phase, batch and token bucket). It
+  reads each layer's weights in place as `unroll` does (XLA:CPU copies a scanned layer's slice of
+  a stacked weight before using it, ~1.7x at batch 1), yet compiles one group instead of every
+  layer: SmolLM2's table compiles in about the time of `scan`'s, where `unroll`'s took 3-4x
+  longer. The price is one executable launch per group (a few hundred microseconds on XLA:CPU).
+
+Each executable has a name (`units`); the table keeps them by name, so a `front` or `head` shared
+by several buckets is compiled once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from graph.api import EngineConfig
+from graph.layout import abstract_device_weights, layer_loop
+from graph.step import Key, StepInputs, abstract_inputs, front, head, init_kv, layers, step
+from models import transformer
+from models.config import ModelConfig
+from models.layers import KVCache, kv_shape
+from models.params import DTYPES, Weights
+
+INIT_KV: Key = ("init_kv", 0, 0, 0)
+
+
+def unit_names(key: Key, loop: str) -> list[str]:
+    """The executables (by name) that make up the step of `key`."""
+    phase, b, t, p = key
+    if key == INIT_KV:
+        return ["init_kv"]
+    if loop != "layered":
+        return [f"{phase}_b{b}_t{t}_p{p}"]
+    return [f"front_b{b}_t{t}", f"layers_b{b}_t{t}_p{p}", f"head_{phase}_b{b}_t{t}"]
+
+
+def group_size(cfg: ModelConfig) -> int:
+    """Layers per `layers` call: the largest divisor of the depth up to 8 (30 -> 6, 18 -> 6, 32 -> 8)."""
+    return max(g for g in range(1, 9) if cfg.num_layers % g == 0)
+
+
+def for_head(inputs: StepInputs) -> StepInputs:
+    """The head's inputs: without the page table, whose width (the context bucket) it does not use,
+    so one head serves every context bucket."""
+    return inputs._replace(page_table=None)
+
+
+def without_layers(w: Weights) -> Weights:
+    return dataclasses.replace(w, layers=[])
+
+
+def lowerings(
+    cfg: ModelConfig, dtype: str, config: EngineConfig, num_pages: int, key: Key, max_seq_len: int
+) -> dict[str, Callable[[], Any]]:
+    """name -> a function lowering that executable (called only for names not compiled yet)."""
+    jdtype = DTYPES[dtype]
+    kv = jax.eval_shape(functools.partial(init_kv, kv_shape(cfg, num_pages, config.page_size), jdtype))
+    names = unit_names(key, layer_loop(config))
+    if key == INIT_KV:
+        return {names[0]: lambda: jax.jit(functools.partial(init_kv, kv.k.shape, jdtype)).lower()}
+    prefill = key[0] == "prefill"
+    weights = abstract_device_weights(cfg, dtype, config)
+    inputs = abstract_inputs(key, max_seq_len)
+
+    def precise(fn: Callable[[], Any]) -> Callable[[], Any]:
+        # float32 means float32: no TF32 shortcut on GPUs (it breaks parity with the reference by ~1e-3)
+        def run():
+            with jax.default_matmul_precision("highest" if dtype == "float32" else "default"):
+                return fn()
+
+        return run
+
+    if len(names) == 1:
+        fn = functools.partial(step, cfg=cfg, prefill=prefill)
+        return {names[0]: precise(lambda: jax.jit(fn, donate_argnums=(1,)).lower(weights, kv, inputs))}
+    _, B, T, _ = key
+    h = jax.ShapeDtypeStruct((B, T, cfg.hidden_size), jdtype)
+    rope = jax.ShapeDtypeStruct((B, T, cfg.head_dim), jnp.float32)
+    G = group_size(cfg)
+    per_layer = (jax.ShapeDtypeStruct((G,), jnp.int32), jax.ShapeDtypeStruct((G,), jnp.bool_))
+    top = without_layers(weights)
+    return {
+        names[0]: precise(
+            lambda: jax.jit(functools.partial(front, cfg=cfg)).lower(top, inputs.tokens, inputs.positions)
+        ),
+        names[1]: precise(
+            lambda: jax.jit(functools.partial(layers, cfg=cfg), donate_argnums=(2,)).lower(
+                weights.layers[:G],
+                h,
+                kv,
+                *per_layer,
+                per_layer[0],
+                inputs.page_table,
+                inputs.positions,
+                (rope, rope),
+                (rope, rope),
+            )
+        ),
+        names[2]: precise(
+            lambda: jax.jit(functools.partial(head, cfg=cfg, prefill=prefill)).lower(top, h, for_head(inputs))
+        ),
+    }
+
+
+class StepProgram:
+    """The callable of one bucket: `(weights, kv, inputs) -> (kv, StepOutputs)`."""
+
+    def __init__(self, cfg: ModelConfig, units: list[Any]):
+        self.units = units
+        if len(units) == 3:  # layered: each group's layer indices, rope kinds and windows, on the device
+            G = self.group = group_size(cfg)
+            self.groups = [
+                jax.device_put((
+                    np.arange(i, i + G, dtype=np.int32),
+                    np.asarray(cfg.sliding_flags[i : i + G]),
+                    np.asarray(transformer.windows(cfg)[i : i + G], np.int32),
+                ))
+                for i in range(0, cfg.num_layers, G)
+            ]  # fmt: skip
+
+    def __call__(self, w: Weights, kv: KVCache, inputs: StepInputs):
+        if len(self.units) == 1:
+            return self.units[0](w, kv, inputs)
+        front_, layer_, head_ = self.units
+        inputs = jax.device_put(inputs)  # once, not once per layer
+        top = without_layers(w)
+        h, global_rope, local_rope = front_(top, inputs.tokens, inputs.positions)
+        for i, per_layer in enumerate(self.groups):
+            lws = w.layers[i * self.group : (i + 1) * self.group]
+            h, kv = layer_(lws, h, kv, *per_layer, inputs.page_table, inputs.positions, global_rope, local_rope)
+        return kv, head_(top, h, for_head(inputs))
