@@ -107,6 +107,8 @@ def test_engine_greedy_matches_transformers(real, chunk):
     from graph.offline import LLM
 
     model, hf = real
+    if model.name == "smollm2-135m-instruct":
+        pytest.skip("SmolLM2 through the engine: tests/test_engine.py (64 tokens, batch independence)")
     prompts = [_ids(model, p) for p in PROMPTS[model.name]]
     refs = hf_greedy(hf, prompts, NEW_TOKENS)
     seq = 128 if len(prompts[0]) + NEW_TOKENS <= 128 else 256
