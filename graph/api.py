@@ -35,6 +35,8 @@ class EngineConfig:
     max_seq_len: int = 2048  # context length (prompt + output) of one request
     page_size: int = 16  # tokens per KV page
     max_prefill_tokens: int = 512  # largest prefill chunk bucket; longer prompts are chunked
+    max_num_batched_tokens: int | None = None  # tokens per step: batch + prompt chunk (none: max_batch+64; 0: off)
+    enable_prefix_caching: bool = True  # reuse the KV pages of prompt prefixes seen before (LRU-evicted)
     min_prefill_tokens: int = 16  # smallest prefill bucket
     min_context_tokens: int = 256  # smallest decode context bucket
     kv_memory_gb: float | None = None  # KV pool size; default: a fraction of device memory
@@ -54,6 +56,8 @@ class EngineConfig:
             raise ValueError(f"layer_loop must be one of {', '.join(LAYER_LOOPS)}, not {self.layer_loop!r}")
         if self.quantize not in ("none", "int8"):
             raise ValueError(f"quantize must be none or int8, not {self.quantize!r}")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 0:
+            raise ValueError("max_num_batched_tokens must be 0 (no mixed steps) or more")
         for name in ("max_batch", "max_seq_len", "page_size", "max_prefill_tokens", "min_prefill_tokens", "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")

@@ -1,7 +1,10 @@
 """Bucket sets and the one function that picks a bucket.
 
 Every executable is compiled for one bucket: prefill chunks are `[1, tokens]` with a context of
-`pages` KV pages; decode steps are `[batch, 1]` with a context of `pages`. Sizes are powers of two
+`pages` KV pages; decode steps are `[batch, 1]` with a context of `pages`; mixed steps are a decode
+batch `[batch, 1]` plus one prompt chunk `[1, mixed_tokens]`, for every batch and context bucket
+(one chunk size: the largest prefill bucket that fits in `max_num_batched_tokens` beside a full
+batch). Sizes are powers of two
 between a minimum and a maximum (the maximum itself is always included, even if not a power of two).
 """
 
@@ -37,6 +40,7 @@ class Buckets:
     decode_batch: tuple[int, ...]  # decode batch sizes
     context_pages: tuple[int, ...]  # KV pages a step may attend to (page-table width)
     page_size: int
+    mixed_tokens: int = 0  # prompt chunk of a mixed step (0: no mixed steps)
 
     @classmethod
     def from_config(cls, c: EngineConfig) -> Buckets:
@@ -45,11 +49,20 @@ class Buckets:
         max_pages = c.max_seq_len // c.page_size
         max_chunk = min(c.max_prefill_tokens, c.max_seq_len)
         min_pages = min(max(1, c.min_context_tokens // c.page_size), max_pages)
+        prefill_tokens = powers_of_two(min(c.min_prefill_tokens, max_chunk), max_chunk)
+        budget = c.max_batch + 64 if c.max_num_batched_tokens is None else c.max_num_batched_tokens
+        fits = [t for t in prefill_tokens if t <= budget - c.max_batch]
+        if budget and not fits:
+            raise ValueError(
+                f"max_num_batched_tokens {budget} leaves no room for a prompt chunk beside a batch of "
+                f"{c.max_batch}: use at least {c.max_batch + prefill_tokens[0]}, or 0 for no mixed steps"
+            )
         return cls(
-            prefill_tokens=powers_of_two(min(c.min_prefill_tokens, max_chunk), max_chunk),
+            prefill_tokens=prefill_tokens,
             decode_batch=powers_of_two(1, c.max_batch),
             context_pages=powers_of_two(min_pages, max_pages),
             page_size=c.page_size,
+            mixed_tokens=max(fits) if budget else 0,
         )
 
     @property
@@ -73,5 +86,10 @@ class Buckets:
     def decode_keys(self) -> list[tuple[str, int, int, int]]:
         return [("decode", b, 1, p) for b in self.decode_batch for p in self.context_pages]
 
+    def mixed_keys(self) -> list[tuple[str, int, int, int]]:
+        if not self.mixed_tokens:
+            return []
+        return [("mixed", b, self.mixed_tokens, p) for b in self.decode_batch for p in self.context_pages]
+
     def all_keys(self) -> list[tuple[str, int, int, int]]:
-        return self.prefill_keys() + self.decode_keys()
+        return self.prefill_keys() + self.decode_keys() + self.mixed_keys()

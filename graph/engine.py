@@ -5,7 +5,7 @@ Threads and queues:
   request, puts it in the inbox (a lock-protected list) and returns a `RequestStream`, an async
   iterator over an `asyncio.Queue` that belongs to the caller's event loop.
 - The step thread drains the inbox and the abort list, asks the `Scheduler` for the next step
-  (a prefill chunk or a decode batch), pads it to its bucket, runs the compiled executable with
+  (a prefill chunk, a decode batch, or both in one mixed step), pads it to its bucket, runs the compiled executable with
   the KV pool donated, and turns the sampled tokens into `RequestOutput` deltas (`graph/outputs.py`)
   which it hands to each request's queue with `loop.call_soon_threadsafe`.
 - Closing a stream early (client gone) aborts its request: the step thread removes it and frees
@@ -34,13 +34,13 @@ from graph.api import (
     RequestTooLargeError,
     SamplingParams,
 )
-from graph.batching import build_decode, build_prefill
+from graph.batching import build_step
 from graph.buckets import Buckets
 from graph.executables import ExecutableTable
 from graph.kv_cache import PageAllocator, kv_bytes_per_page, plan_num_pages
 from graph.layout import device_weights
 from graph.outputs import OutputProcessor
-from graph.scheduler import Decode, Prefill, Scheduler, Sequence
+from graph.scheduler import Decode, Mixed, Prefill, Scheduler, Sequence
 from models.loader import LoadedModel
 
 log = logging.getLogger("graph.engine")
@@ -90,12 +90,14 @@ class Engine:
         self.buckets = table.buckets
         self.max_seq_len = config.max_seq_len
         self.system_fingerprint = f"fp_{model.fingerprint[:10]}"
-        self.allocator = PageAllocator(table.num_pages)
+        self.allocator = PageAllocator(table.num_pages, caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.allocator,
             page_size=config.page_size,
             max_batch=config.max_batch,
             max_prefill_tokens=self.buckets.prefill_tokens[-1],
+            mixed_tokens=self.buckets.mixed_tokens,
+            salt=f"{model.fingerprint}/{model.dtype}/{config.quantize}".encode(),
         )
         self.outputs = OutputProcessor(model.tokenizer, model.cfg, config.max_seq_len)
         self.params = device_weights(model.params, model.cfg, config)
@@ -107,6 +109,7 @@ class Engine:
         self._seqs: dict[str, Sequence] = {}
         self._accepting = True
         self._stop = False
+        self._reset_cache = False
         self.steps = 0
         self._thread = threading.Thread(target=self._loop, name="engine-step", daemon=True)
         self._thread.start()
@@ -181,7 +184,18 @@ class Engine:
             "pages_used": self.allocator.num_used,
             "pages_free": self.allocator.num_free,
             "pages_total": self.allocator.num_pages - 1,
+            "pages_cached": self.allocator.num_cached,
+            "prompt_tokens": self.scheduler.prompt_tokens,
+            "prefix_cached_tokens": self.scheduler.cached_tokens,
         }
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (benchmarks, tests); requests running keep their pages."""
+        with self._lock:
+            self._reset_cache = True
+            self._lock.notify()
+        while self._reset_cache and self._thread.is_alive():
+            time.sleep(0.005)
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop taking requests, let the running ones finish for up to `timeout` seconds, end
@@ -203,10 +217,15 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not (self._stop or self._inbox or self._aborts or self.scheduler.num_unfinished):
+                while not (
+                    self._stop or self._inbox or self._aborts or self._reset_cache or self.scheduler.num_unfinished
+                ):
                     self._lock.wait()
                 if self._stop:
                     break
+                if self._reset_cache:
+                    self.allocator.reset_cache()
+                    self._reset_cache = False
                 inbox, self._inbox = self._inbox, []
                 aborts, self._aborts = self._aborts, []
             for seq, _ in inbox:
@@ -230,15 +249,16 @@ class Engine:
         self.steps += 1
         if self.config.debug_step_delay:
             time.sleep(self.config.debug_step_delay)
-        if isinstance(decision, Prefill):
-            key, inputs = build_prefill(decision, self.buckets, self.max_seq_len, self.outputs.suppressed)
-            self.kv, out = self.table.get(key)(self.params, self.kv, inputs)
-            self._after_prefill(decision, jax.device_get(out))
+        key, inputs = build_step(decision, self.buckets, self.max_seq_len, self.outputs.suppressed)
+        self.kv, outs = self.table.get(key)(self.params, self.kv, inputs)
+        outs = jax.device_get(outs)
+        if isinstance(decision, Mixed):
+            self._after_decode(decision.decode, outs[0])
+            self._after_prefill(decision.prefill, outs[1])
+        elif isinstance(decision, Prefill):
+            self._after_prefill(decision, outs[0])
         else:
-            assert isinstance(decision, Decode)
-            key, inputs = build_decode(decision, self.buckets, self.max_seq_len, self.outputs.suppressed)
-            self.kv, out = self.table.get(key)(self.params, self.kv, inputs)
-            self._after_decode(decision, jax.device_get(out))
+            self._after_decode(decision, outs[0])
 
     def _after_prefill(self, step: Prefill, out) -> None:
         seq = step.seq

@@ -25,7 +25,7 @@ from jax.experimental.serialize_executable import deserialize_and_load, serializ
 from graph.api import EngineConfig
 from graph.buckets import Buckets
 from graph.layout import layer_loop
-from graph.programs import INIT_KV, Key, StepProgram, lowerings, unit_names
+from graph.programs import INIT_KV, Key, StepProgram, lowerings, segments_of, unit_names
 from models.config import ModelConfig
 
 log = logging.getLogger("graph.executables")
@@ -93,7 +93,9 @@ class ExecutableTable:
             names = unit_names(key, layer_loop(self.config))
             if not all(n in self.executables for n in names):
                 raise UncompiledShapeError(f"no compiled executable for {key}; buckets: {self.buckets}")
-            program = self._programs[key] = StepProgram(self.cfg, [self.executables[n] for n in names])
+            program = self._programs[key] = StepProgram(
+                self.cfg, [self.executables[n] for n in names], len(segments_of(key))
+            )
         return program
 
     def init_kv(self) -> Any:

@@ -1,13 +1,16 @@
-"""The host side of the paged KV cache: the page allocator and the sizing of the pool.
+"""The host side of the paged KV cache: the page allocator (with the prefix cache) and the sizing
+of the pool.
 
-The pool itself is two device arrays `[layers, pages, page_size, kv_heads, head_dim]` (see
+The pool itself is two device arrays `[layers, kv_heads, pages, page_size, head_dim]` (see
 `models/layers.py`), made by a compiled `init_kv` executable and donated to every step.
 Page 0 is scratch (padding tokens write there), so it is never handed out.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import hashlib
 import logging
 import os
 from typing import TYPE_CHECKING, Any
@@ -29,42 +32,133 @@ log = logging.getLogger("graph.kv_cache")
 
 
 class PageAllocator:
-    """Free list plus reference counts (ready for pages shared between sequences)."""
+    """Free pages, reference counts, and the prefix cache over them.
 
-    def __init__(self, num_pages: int):
+    A page is in exactly one of three states: free (on the free list), held (reference count >= 1:
+    by running sequences, several when they share a cached prefix), or cached (count 0, but its
+    contents are known by their hash and kept in LRU order). `allocate` takes free pages first and
+    then evicts cached ones, oldest use first, so the cache costs no capacity: cached pages count
+    as free for admission.
+
+    A full page's hash is chained over every token up to its end (`extend_hashes`), so equal hashes
+    mean equal prefixes and therefore equal K/V (the pool belongs to one model, dtype and
+    quantization, which salt the chain as well).
+    """
+
+    def __init__(self, num_pages: int, *, caching: bool = False):
         if num_pages < 2:
             raise ValueError("the pool needs at least one page besides the scratch page")
         self.num_pages = num_pages
+        self.caching = caching
         self._free = list(range(num_pages - 1, 0, -1))  # pop() hands out low pages first
         self._refs = [0] * num_pages
+        self._hash_of: dict[int, bytes] = {}  # page -> hash, for held and cached pages
+        self._page_of: dict[bytes, int] = {}  # hash -> page
+        self._lru: collections.OrderedDict[int, None] = collections.OrderedDict()  # cached, oldest first
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Pages `allocate` can hand out (free or evictable)."""
+        return len(self._free) + len(self._lru)
 
     @property
     def num_used(self) -> int:
-        return self.num_pages - 1 - len(self._free)
+        """Pages held by sequences."""
+        return self.num_pages - 1 - self.num_free
+
+    @property
+    def num_cached(self) -> int:
+        """Pages held by nobody whose contents the prefix cache keeps."""
+        return len(self._lru)
 
     def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise MemoryError(f"{n} pages requested, {len(self._free)} free")
-        pages = [self._free.pop() for _ in range(n)]
-        for p in pages:
-            self._refs[p] = 1
+        if n > self.num_free:
+            raise MemoryError(f"{n} pages requested, {self.num_free} free")
+        pages = []
+        for _ in range(n):
+            if self._free:
+                page = self._free.pop()
+            else:  # evict the least recently used cached page
+                page, _ = self._lru.popitem(last=False)
+                del self._page_of[self._hash_of.pop(page)]
+            self._refs[page] = 1
+            pages.append(page)
         return pages
 
     def share(self, pages: list[int]) -> None:
         for p in pages:
+            if self._refs[p] == 0:
+                self._lru.pop(p)  # a cached page in use again (KeyError: it was free)
             self._refs[p] += 1
 
     def free(self, pages: list[int]) -> None:
+        """Drop one reference to each page; a page left unreferenced goes back to the free list,
+        or to the cache if its contents are known."""
         for p in pages:
             if self._refs[p] <= 0:
                 raise RuntimeError(f"page {p} freed twice")
             self._refs[p] -= 1
             if self._refs[p] == 0:
-                self._free.append(p)
+                if p in self._hash_of:
+                    self._lru[p] = None
+                else:
+                    self._free.append(p)
+
+    # ---- the prefix cache ----
+
+    def lookup(self, hashes: list[bytes]) -> list[int]:
+        """The pages holding the longest cached prefix of `hashes`, each with a new reference."""
+        pages = []
+        for h in hashes if self.caching else ():
+            page = self._page_of.get(h)
+            if page is None:
+                break
+            pages.append(page)
+        self.share(pages)
+        return pages
+
+    def register(self, page: int, h: bytes) -> None:
+        """`page` (held) is full and its contents hash to `h`: later prefixes may reuse it. A page
+        whose contents are cached already under another page stays private."""
+        if self.caching and h not in self._page_of and page not in self._hash_of:
+            self._page_of[h] = page
+            self._hash_of[page] = h
+
+    def refs(self, page: int) -> int:
+        return self._refs[page]
+
+    def reset_cache(self) -> int:
+        """Forget every cached prefix (held pages stay held); -> how many pages were freed."""
+        for page in list(self._hash_of):
+            if self._refs[page] == 0:
+                self._lru.pop(page)
+                self._free.append(page)
+        self._hash_of.clear()
+        self._page_of.clear()
+        return self.num_free
+
+    def check(self, holders: list[list[int]]) -> None:
+        """Assert the invariants, given the page lists of every live sequence: each page's count
+        equals the number of holders, and every page is exactly one of free, held or cached."""
+        counts = collections.Counter(p for pages in holders for p in pages)
+        assert 0 not in counts, "the scratch page is held"
+        assert all(self._refs[p] == counts.get(p, 0) for p in range(1, self.num_pages)), "reference counts"
+        free, cached = set(self._free), set(self._lru)
+        assert len(free) == len(self._free) and not free & cached and 0 not in free | cached
+        held = {p for p in range(1, self.num_pages) if self._refs[p]}
+        assert free | cached | held == set(range(1, self.num_pages)) and not (free | cached) & held
+        assert cached <= set(self._hash_of) and not free & set(self._hash_of)
+        assert all(self._page_of[h] == p for p, h in self._hash_of.items())
+
+
+def extend_hashes(hashes: list[bytes], tokens: list[int], page_size: int, salt: bytes, n: int) -> None:
+    """Extend `hashes` (chained page hashes of `tokens`) to its first `n` full pages: page i's
+    hash covers tokens[: (i + 1) * page_size] and `salt`."""
+    parent = hashes[-1] if hashes else salt
+    for i in range(len(hashes), n):
+        chunk = np.asarray(tokens[i * page_size : (i + 1) * page_size], np.int32).tobytes()
+        parent = hashlib.blake2b(parent + chunk, digest_size=16).digest()
+        hashes.append(parent)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,6 +37,15 @@ from models.params import DTYPES, Weights
 INIT_KV: Key = ("init_kv", 0, 0, 0)
 
 
+def segments_of(key: Key) -> list[tuple[str, int, int]]:
+    """A bucket's segments, as (phase, batch, tokens): a mixed step is a decode batch of `batch`
+    rows followed by a prefill chunk of `tokens`."""
+    phase, b, t, _ = key
+    if phase == "mixed":
+        return [("decode", b, 1), ("prefill", 1, t)]
+    return [(phase, b, t)]
+
+
 def unit_names(key: Key, loop: str) -> list[str]:
     """The executables (by name) that make up the step of `key`."""
     phase, b, t, p = key
@@ -44,7 +53,12 @@ def unit_names(key: Key, loop: str) -> list[str]:
         return ["init_kv"]
     if loop != "layered":
         return [f"{phase}_b{b}_t{t}_p{p}"]
-    return [f"front_b{b}_t{t}", f"layers_b{b}_t{t}_p{p}", f"head_{phase}_b{b}_t{t}"]
+    segs = segments_of(key)
+    return [
+        *(f"front_b{sb}_t{st}" for _, sb, st in segs),
+        "layers_" + "+".join(f"b{sb}_t{st}" for _, sb, st in segs) + f"_p{p}",
+        *(f"head_{sp}_b{sb}_t{st}" for sp, sb, st in segs),
+    ]
 
 
 def group_size(cfg: ModelConfig) -> int:
@@ -71,9 +85,11 @@ def lowerings(
     names = unit_names(key, layer_loop(config))
     if key == INIT_KV:
         return {names[0]: lambda: jax.jit(functools.partial(init_kv, kv.k.shape, jdtype)).lower()}
-    prefill = key[0] == "prefill"
     weights = abstract_device_weights(cfg, dtype, config)
-    inputs = abstract_inputs(key, max_seq_len)
+    segs = segments_of(key)
+    W = key[3]
+    inputs = tuple(abstract_inputs((sp, sb, st, W), max_seq_len) for sp, sb, st in segs)
+    prefill = tuple(sp == "prefill" for sp, _, _ in segs)
 
     def precise(fn: Callable[[], Any]) -> Callable[[], Any]:
         # float32 means float32: no TF32 shortcut on GPUs (it breaks parity with the reference by ~1e-3)
@@ -86,41 +102,43 @@ def lowerings(
     if len(names) == 1:
         fn = functools.partial(step, cfg=cfg, prefill=prefill)
         return {names[0]: precise(lambda: jax.jit(fn, donate_argnums=(1,)).lower(weights, kv, inputs))}
-    _, B, T, _ = key
-    h = jax.ShapeDtypeStruct((B, T, cfg.hidden_size), jdtype)
-    rope = jax.ShapeDtypeStruct((B, T, cfg.head_dim), jnp.float32)
+    n = len(segs)
+    hs = tuple(jax.ShapeDtypeStruct((sb, st, cfg.hidden_size), jdtype) for _, sb, st in segs)
+    ropes = tuple((r, r) for r in (jax.ShapeDtypeStruct((sb, st, cfg.head_dim), jnp.float32) for _, sb, st in segs))
     G = group_size(cfg)
     per_layer = (jax.ShapeDtypeStruct((G,), jnp.int32), jax.ShapeDtypeStruct((G,), jnp.bool_))
     top = without_layers(weights)
-    return {
-        names[0]: precise(
-            lambda: jax.jit(functools.partial(front, cfg=cfg)).lower(top, inputs.tokens, inputs.positions)
-        ),
-        names[1]: precise(
-            lambda: jax.jit(functools.partial(layers, cfg=cfg), donate_argnums=(2,)).lower(
-                weights.layers[:G],
-                h,
-                kv,
-                *per_layer,
-                per_layer[0],
-                inputs.page_table,
-                inputs.positions,
-                (rope, rope),
-                (rope, rope),
-            )
-        ),
-        names[2]: precise(
-            lambda: jax.jit(functools.partial(head, cfg=cfg, prefill=prefill)).lower(top, h, for_head(inputs))
-        ),
-    }
+    out = {}
+    for name, inp in zip(names[:n], inputs, strict=True):
+        out[name] = precise(
+            lambda inp=inp: jax.jit(functools.partial(front, cfg=cfg)).lower(top, inp.tokens, inp.positions)
+        )
+    out[names[n]] = precise(
+        lambda: jax.jit(functools.partial(layers, cfg=cfg), donate_argnums=(2,)).lower(
+            weights.layers[:G],
+            hs,
+            kv,
+            *per_layer,
+            per_layer[0],
+            tuple(i.page_table for i in inputs),
+            tuple(i.positions for i in inputs),
+            ropes,
+        )
+    )
+    for name, h, inp, p in zip(names[n + 1 :], hs, inputs, prefill, strict=True):
+        out[name] = precise(
+            lambda h=h, inp=inp, p=p: jax.jit(functools.partial(head, cfg=cfg, prefill=p)).lower(top, h, for_head(inp))
+        )
+    return out
 
 
 class StepProgram:
-    """The callable of one bucket: `(weights, kv, inputs) -> (kv, StepOutputs)`."""
+    """The callable of one bucket: `(weights, kv, per-segment inputs) -> (kv, per-segment StepOutputs)`."""
 
-    def __init__(self, cfg: ModelConfig, units: list[Any]):
+    def __init__(self, cfg: ModelConfig, units: list[Any], segments: int):
         self.units = units
-        if len(units) == 3:  # layered: each group's layer indices, rope kinds and windows, on the device
+        self.segments = segments
+        if len(units) > 1:  # layered: each group's layer indices, rope kinds and windows, on the device
             G = self.group = group_size(cfg)
             self.groups = [
                 jax.device_put((
@@ -131,14 +149,17 @@ class StepProgram:
                 for i in range(0, cfg.num_layers, G)
             ]  # fmt: skip
 
-    def __call__(self, w: Weights, kv: KVCache, inputs: StepInputs):
+    def __call__(self, w: Weights, kv: KVCache, inputs: tuple[StepInputs, ...]):
         if len(self.units) == 1:
             return self.units[0](w, kv, inputs)
-        front_, layer_, head_ = self.units
+        n = self.segments
+        fronts, layer_, heads = self.units[:n], self.units[n], self.units[n + 1 :]
         inputs = jax.device_put(inputs)  # once, not once per layer
         top = without_layers(w)
-        h, global_rope, local_rope = front_(top, inputs.tokens, inputs.positions)
+        hs, ropes = zip(*(f(top, i.tokens, i.positions) for f, i in zip(fronts, inputs, strict=True)), strict=True)
+        page_tables = tuple(i.page_table for i in inputs)
+        positions = tuple(i.positions for i in inputs)
         for i, per_layer in enumerate(self.groups):
             lws = w.layers[i * self.group : (i + 1) * self.group]
-            h, kv = layer_(lws, h, kv, *per_layer, inputs.page_table, inputs.positions, global_rope, local_rope)
-        return kv, head_(top, h, for_head(inputs))
+            hs, kv = layer_(lws, tuple(hs), kv, *per_layer, page_tables, positions, tuple(ropes))
+        return kv, tuple(h_(top, h, for_head(i)) for h_, h, i in zip(heads, hs, inputs, strict=True))

@@ -1,6 +1,20 @@
-"""The continuous-batching policy: admission by free pages, prefill chunks vs decode steps,
+"""The continuous-batching policy: admission by free pages (after reusing cached prefix pages),
+mixed steps that carry the running batch's decode tokens and a chunk of a prompt together,
 preemption of the youngest request when pages run out. Pure Python, no JAX: the engine turns a
-`Prefill` or `Decode` decision into a call of a compiled executable.
+`Prefill`, `Decode` or `Mixed` decision into a call of a compiled executable.
+
+Order and fairness: requests are admitted first come, first served, and the oldest sequence that
+still has prompt to prefill gets a chunk in every step, so a long prompt is never starved; while
+it is prefilled, every running sequence still gets a token per step (in mixed steps, sized by
+`mixed_tokens`). Without mixed steps (`mixed_tokens == 0`), prefill chunks and decode steps
+alternate while both have work.
+
+Prefix caching: when a sequence is admitted, the leading full pages of its tokens that the
+allocator has cached (by a hash chained over the tokens, `graph/kv_cache.py`) are taken as they
+are and only the rest is prefilled; at least the last token is always fed, since its logits give
+the first output token. Every page a sequence fills is offered to the cache as soon as it is
+full. A request that wants prompt logprobs is prefilled in full (the cached pages hold K/V, not
+logits), but its pages still go into the cache.
 
 A sequence's tokens are its prompt followed by its output. `computed` counts the tokens whose K/V
 are in the cache; the tokens after it are "pending". A step feeds pending tokens and samples the
@@ -17,7 +31,7 @@ import itertools
 from typing import Any
 
 from graph.api import SamplingParams
-from graph.kv_cache import PageAllocator
+from graph.kv_cache import PageAllocator, extend_hashes
 
 _arrivals = itertools.count()
 
@@ -33,6 +47,8 @@ class Sequence:
     computed: int = 0
     arrival: int = dataclasses.field(default_factory=lambda: next(_arrivals))
     preemptions: int = 0
+    cached: int = 0  # prompt tokens taken from the prefix cache at first admission
+    hashes: list[bytes] = dataclasses.field(default_factory=list)  # of its full pages, chained
     state: Any = None  # the output processor's per-request state (detokenizer, stop matcher)
 
     @property
@@ -60,16 +76,37 @@ class Decode:
     seqs: list[Sequence]
 
 
+@dataclasses.dataclass(frozen=True)
+class Mixed:
+    """One step that decodes `decode`'s batch and feeds `prefill`'s chunk."""
+
+    decode: Decode
+    prefill: Prefill
+
+
 class Scheduler:
-    def __init__(self, allocator: PageAllocator, *, page_size: int, max_batch: int, max_prefill_tokens: int):
+    def __init__(
+        self,
+        allocator: PageAllocator,
+        *,
+        page_size: int,
+        max_batch: int,
+        max_prefill_tokens: int,
+        mixed_tokens: int = 0,
+        salt: bytes = b"",
+    ):
         self.allocator = allocator
         self.page_size = page_size
         self.max_batch = max_batch
-        self.max_prefill_tokens = max_prefill_tokens
+        self.max_prefill_tokens = max_prefill_tokens  # chunk of a step without decode rows
+        self.mixed_tokens = mixed_tokens  # chunk of a step with decode rows (0: no mixed steps)
+        self.salt = salt  # what else the K/V depend on (model, dtype, quantization): roots the hash chain
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         self._last_was_prefill = False
         self.preemptions = 0  # total, for metrics and tests
+        self.prompt_tokens = 0  # of admitted requests (first admission), for the prefix-cache hit rate
+        self.cached_tokens = 0  # of which were taken from the prefix cache
 
     def pages_for(self, tokens: int) -> int:
         return -(-tokens // self.page_size)
@@ -86,21 +123,37 @@ class Scheduler:
         self._free(seq)
 
     def _free(self, seq: Sequence) -> None:
-        self.allocator.free(seq.pages)
+        # last page first: the cache evicts the oldest first, so a prefix outlives its tail
+        self.allocator.free(seq.pages[::-1])
         seq.pages = []
 
+    def _hashes(self, seq: Sequence, n: int) -> list[bytes]:
+        extend_hashes(seq.hashes, seq.tokens, self.page_size, self.salt, n)
+        return seq.hashes[:n]
+
     def _admit(self) -> None:
-        """Move waiting sequences to running while their whole pending prefill fits in free pages."""
+        """Move waiting sequences to running while what they still have to prefill fits in free
+        pages, taking their cached prefix pages first."""
         while self.waiting and len(self.running) < self.max_batch:
             seq = self.waiting[0]
+            if not seq.pages and seq.params.prompt_logprobs is None:
+                seq.pages = self.allocator.lookup(self._hashes(seq, (seq.length - 1) // self.page_size))
+                seq.computed = len(seq.pages) * self.page_size
             need = self.pages_for(seq.length) - len(seq.pages)
             if need > self.allocator.num_free:
+                self._free(seq)  # the cached pages stay cached
+                seq.computed = 0
                 return
             seq.pages += self.allocator.allocate(need)
+            if not seq.preemptions:
+                seq.cached = min(seq.computed, len(seq.prompt))
+                self.prompt_tokens += len(seq.prompt)
+                self.cached_tokens += seq.cached
             self.running.append(self.waiting.popleft())
 
     def _preempt_youngest(self) -> bool:
-        """Preempt the youngest running sequence (possibly the one asking for a page)."""
+        """Preempt the youngest running sequence (possibly the one asking for a page). Its pages'
+        references go; the pages it filled stay in the prefix cache for its return."""
         if len(self.running) <= 1:
             return False
         victim = max(self.running, key=lambda s: s.arrival)
@@ -126,22 +179,42 @@ class Scheduler:
                 ready.append(seq)
         return ready
 
-    def schedule(self) -> Prefill | Decode | None:
-        """The next step, alternating prefill chunks and decode steps while both have work."""
+    def schedule(self) -> Prefill | Decode | Mixed | None:
+        """The next step: the running batch's decode tokens together with a chunk of the oldest
+        prompt still being prefilled (or, without mixed steps, the two in turn)."""
         self._admit()
         prefilling = [s for s in self.running if s.pending > 1]
         decoding = [s for s in self.running if s.pending == 1]
-        if prefilling and not (decoding and self._last_was_prefill):
-            self._last_was_prefill = True
-            seq = min(prefilling, key=lambda s: s.arrival)
-            return Prefill(seq, seq.computed, min(seq.pending, self.max_prefill_tokens))
-        self._last_was_prefill = False
-        ready = self._grow(decoding)
-        return Decode(ready) if ready else None
+        if not self.mixed_tokens:
+            if prefilling and not (decoding and self._last_was_prefill):
+                self._last_was_prefill = True
+                return self._chunk(prefilling, self.max_prefill_tokens)
+            self._last_was_prefill = False
+            ready = self._grow(decoding)
+            return Decode(ready) if ready else None
+        ready = self._grow(decoding) if decoding else []
+        prefilling = [s for s in prefilling if s in self.running]  # a page for a decode may preempt one
+        if not prefilling:
+            return Decode(ready) if ready else None
+        if not ready:
+            return self._chunk(prefilling, self.max_prefill_tokens)
+        return Mixed(Decode(ready), self._chunk(prefilling, self.mixed_tokens))
+
+    @staticmethod
+    def _chunk(prefilling: list[Sequence], limit: int) -> Prefill:
+        seq = min(prefilling, key=lambda s: s.arrival)
+        return Prefill(seq, seq.computed, min(seq.pending, limit))
 
     def advance(self, seq: Sequence, fed: int) -> None:
-        """`fed` more tokens of `seq` now have K/V in the cache."""
+        """`fed` more tokens of `seq` now have K/V in the cache; pages that this fills are
+        offered to the prefix cache."""
+        before = seq.computed // self.page_size
         seq.computed += fed
+        full = seq.computed // self.page_size
+        if full > before and self.allocator.caching:
+            hashes = self._hashes(seq, full)
+            for i in range(before, full):
+                self.allocator.register(seq.pages[i], hashes[i])
 
     @property
     def num_unfinished(self) -> int:

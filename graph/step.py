@@ -18,10 +18,10 @@ from graph.api import MAX_TOP_LOGPROBS
 from graph.sampling import MAX_LOGIT_BIAS, MAX_SUPPRESS, SampleOut, SamplingArrays, sample, top_alternatives
 from models import transformer
 from models.config import ModelConfig
-from models.layers import KVCache, unembed
+from models.layers import KVCache, flatten, unembed, unflatten
 from models.params import Weights
 
-Key = tuple[str, int, int, int]  # a bucket: (phase, batch, tokens, context pages)
+Key = tuple[str, int, int, int]  # a bucket: (phase, batch, tokens, context pages); see `segments_of`
 PROMPT_LOGPROB_SLICE = 16  # tokens whose full-vocabulary logits exist at once
 
 
@@ -123,27 +123,33 @@ def back(w: Weights, h: jax.Array, inp: StepInputs, *, cfg: ModelConfig, prefill
     return StepOutputs(out, prompt)
 
 
-def step(w: Weights, kv: KVCache, inp: StepInputs, *, cfg: ModelConfig, prefill: bool):
-    """The whole step in one executable: -> (kv, StepOutputs)."""
-    h, kv = transformer.hidden(w, cfg, inp.tokens, inp.positions, kv, inp.page_table)  # [B, T, D]
-    return kv, back(w, h, inp, cfg=cfg, prefill=prefill)
+def step(w: Weights, kv: KVCache, inps: tuple[StepInputs, ...], *, cfg: ModelConfig, prefill: tuple[bool, ...]):
+    """The whole step in one executable, over one segment or several (a mixed step: the decode
+    rows, then a prefill chunk): -> (kv, per-segment StepOutputs)."""
+    hs, kv = transformer.hidden(
+        w, cfg, tuple(i.tokens for i in inps), tuple(i.positions for i in inps), kv, tuple(i.page_table for i in inps)
+    )
+    return kv, tuple(back(w, h, i, cfg=cfg, prefill=p) for h, i, p in zip(hs, inps, prefill, strict=True))
 
 
-# The same step as a chain of executables (`layer_loop="layered"`): front, then `layers` once per
-# group of layers with those layers' weights (separate buffers: nothing is copied), then the head.
+# The same step as a chain of executables (`layer_loop="layered"`): front per segment, then `layers`
+# once per group of layers with those layers' weights (separate buffers: nothing is copied), then a
+# head per segment.
 
 
 def front(w: Weights, tokens: jax.Array, positions: jax.Array, *, cfg: ModelConfig):
-    """-> (h [B, T, D], global rope, local rope)."""
-    return (transformer.embed(w, cfg, tokens), *transformer.ropes(cfg, positions))
+    """-> (h [B, T, D], (global rope, local rope))."""
+    return transformer.embed(w, cfg, tokens), transformer.ropes_for(cfg, positions)
 
 
-def layers(lws, h, kv: KVCache, index, sliding, window, page_table, positions, global_rope, local_rope, *, cfg):
-    """A group of decoder layers; `index`, `sliding` and `window` are [G] arrays. -> (h, kv)."""
+def layers(lws, hs, kv: KVCache, index, sliding, window, page_tables, positions, ropes, *, cfg):
+    """A group of decoder layers over the step's segments; `index`, `sliding` and `window` are [G]
+    arrays. -> (per-segment h, kv)."""
+    h = flatten(hs)
     for g, lw in enumerate(lws):
-        rope = jax.tree.map(lambda a, b, s=sliding[g]: jnp.where(s, b, a), global_rope, local_rope)
-        h, kv = transformer.block(cfg, lw, h, kv, index[g], page_table, positions, rope, window[g])
-    return h, kv
+        segs = transformer.segments(page_tables, positions, ropes, sliding[g])
+        h, kv = transformer.block(cfg, lw, h, segs, kv, index[g], window[g])
+    return unflatten(h, segs), kv
 
 
 def head(w: Weights, h: jax.Array, inp: StepInputs, *, cfg: ModelConfig, prefill: bool) -> StepOutputs:

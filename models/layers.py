@@ -129,36 +129,63 @@ def paged_attention(
     return out.reshape(K, B, T, G, Dh).transpose(1, 2, 0, 3, 4).reshape(B, T, H, Dh)
 
 
+class Segment(NamedTuple):
+    """Rows of one shape within a step: `[B, T]` tokens, each row one sequence's run of positions.
+    A step is one segment (a prefill chunk or a decode batch) or several (a mixed step: the decode
+    rows and a prefill chunk); the dense layers run on all their tokens at once, attention on each
+    segment in its own shape."""
+
+    page_table: jax.Array  # i32 [B, W]
+    positions: jax.Array  # i32 [B, T], -1 = padding
+    rope: tuple[jax.Array, jax.Array]  # cos, sin [B, T, Dh] (the rotary tables of this layer's kind)
+
+
+def flatten(hs: tuple[jax.Array, ...]) -> jax.Array:
+    """Per-segment hidden [B_i, T_i, D] -> all the step's tokens [N, D]."""
+    flat = [h.reshape(-1, h.shape[-1]) for h in hs]
+    return flat[0] if len(flat) == 1 else jnp.concatenate(flat)
+
+
+def unflatten(x: jax.Array, segs: tuple[Segment, ...]) -> tuple[jax.Array, ...]:
+    """[N, ...] -> per-segment [B_i, T_i, ...]."""
+    out, start = [], 0
+    for seg in segs:
+        B, T = seg.positions.shape
+        out.append(x[start : start + B * T].reshape(B, T, *x.shape[1:]))
+        start += B * T
+    return tuple(out)
+
+
 def attention(
-    cfg: ModelConfig,
-    lw: LayerWeights,
-    x: jax.Array,
-    kv: KVCache,
-    layer: Any,
-    page_table: jax.Array,
-    positions: jax.Array,
-    rope: tuple[jax.Array, jax.Array],
-    window: Any,
+    cfg: ModelConfig, lw: LayerWeights, x: jax.Array, segs: tuple[Segment, ...], kv: KVCache, layer: Any, window: Any
 ) -> tuple[jax.Array, KVCache]:
-    """Fused q|k|v projection, optional q/k norm, rotary, KV write and paged attention. x: [B, T, D]."""
-    B, T, _ = x.shape
+    """Fused q|k|v projection, optional q/k norm, rotary, KV write and paged attention, per segment.
+    x: [N, D], the step's tokens segment after segment."""
     H, K, Dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    qkv = linear(x, lw.qkv)  # [B, T, (H + 2K) * Dh]
+    qkv = linear(x, lw.qkv)  # [N, (H + 2K) * Dh]
     if lw.qkv_bias is not None:
         qkv = qkv + lw.qkv_bias
-    q = qkv[..., : H * Dh].reshape(B, T, H, Dh)
-    k = qkv[..., H * Dh : (H + K) * Dh].reshape(B, T, K, Dh)
-    v = qkv[..., (H + K) * Dh :].reshape(B, T, K, Dh)
-    if lw.q_norm is not None:
-        q = rms_norm(q, lw.q_norm, cfg.rms_norm_eps, cfg.norm_plus_one)
-        k = rms_norm(k, lw.k_norm, cfg.rms_norm_eps, cfg.norm_plus_one)
-    cos, sin = rope
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    kv = KVCache(write_kv(kv.k, layer, k, page_table, positions), write_kv(kv.v, layer, v, page_table, positions))
-    out = paged_attention(
-        q, kv, layer, page_table, positions, scale=cfg.attn_scale, window=window, softcap=cfg.attn_logit_softcap
-    )
-    out = linear(out.reshape(B, T, H * Dh), lw.o)
+    outs = []
+    for part, seg in zip(unflatten(qkv, segs), segs, strict=True):
+        B, T = seg.positions.shape
+        q = part[..., : H * Dh].reshape(B, T, H, Dh)
+        k = part[..., H * Dh : (H + K) * Dh].reshape(B, T, K, Dh)
+        v = part[..., (H + K) * Dh :].reshape(B, T, K, Dh)
+        if lw.q_norm is not None:
+            q = rms_norm(q, lw.q_norm, cfg.rms_norm_eps, cfg.norm_plus_one)
+            k = rms_norm(k, lw.k_norm, cfg.rms_norm_eps, cfg.norm_plus_one)
+        cos, sin = seg.rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        kv = KVCache(
+            write_kv(kv.k, layer, k, seg.page_table, seg.positions),
+            write_kv(kv.v, layer, v, seg.page_table, seg.positions),
+        )
+        out = paged_attention(
+            q, kv, layer, seg.page_table, seg.positions,
+            scale=cfg.attn_scale, window=window, softcap=cfg.attn_logit_softcap,
+        )  # fmt: skip
+        outs.append(out.reshape(B, T, H * Dh))
+    out = linear(flatten(tuple(outs)), lw.o)
     if lw.o_bias is not None:
         out = out + lw.o_bias
     return out, kv

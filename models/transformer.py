@@ -14,16 +14,17 @@ import jax
 import jax.numpy as jnp
 
 from models.config import ModelConfig
-from models.layers import KVCache, attention, mlp, rms_norm, rope_tables, unembed
+from models.layers import KVCache, Segment, attention, flatten, mlp, rms_norm, rope_tables, unembed, unflatten
 from models.params import LayerWeights, Weights
 
 
-def block(cfg: ModelConfig, lw: LayerWeights, h, kv: KVCache, layer, page_table, positions, rope, window):
-    """One decoder layer: -> (h, kv). `layer` and `window` are ints (unrolled) or traced (scan)."""
+def block(cfg: ModelConfig, lw: LayerWeights, h, segs: tuple[Segment, ...], kv: KVCache, layer, window):
+    """One decoder layer over all the step's tokens h [N, D]: -> (h, kv). `layer` and `window` are
+    ints (unrolled) or traced (scan)."""
     eps, plus_one = cfg.rms_norm_eps, cfg.norm_plus_one
     with jax.named_scope("attention"):
         x = rms_norm(h, lw.attn_norm, eps, plus_one)
-        out, kv = attention(cfg, lw, x, kv, layer, page_table, positions, rope, window)
+        out, kv = attention(cfg, lw, x, segs, kv, layer, window)
         if cfg.sandwich_norms:
             out = rms_norm(out, lw.post_attn_norm, eps, plus_one)
         h = h + out
@@ -33,6 +34,18 @@ def block(cfg: ModelConfig, lw: LayerWeights, h, kv: KVCache, layer, page_table,
             out = rms_norm(out, lw.post_mlp_norm, eps, plus_one)
         h = h + out
     return h, kv
+
+
+def segments(page_tables, positions, ropes, sliding) -> tuple[Segment, ...]:
+    """A layer's segments: each with the rotary tables of the layer's kind (`sliding`: a bool or
+    a traced one) picked from its (global, local) pair."""
+
+    def pick(pair):
+        if isinstance(sliding, bool):
+            return pair[1] if sliding else pair[0]
+        return jax.tree.map(lambda g, loc: jnp.where(sliding, loc, g), *pair)
+
+    return tuple(Segment(t, p, pick(r)) for t, p, r in zip(page_tables, positions, ropes, strict=True))
 
 
 def embed(w: Weights, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
@@ -46,7 +59,7 @@ def embed(w: Weights, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
 Rope = tuple[jax.Array, jax.Array]
 
 
-def ropes(cfg: ModelConfig, positions: jax.Array) -> tuple[Rope, Rope]:
+def ropes_for(cfg: ModelConfig, positions: jax.Array) -> tuple[Rope, Rope]:
     """(global, local) rotary tables for `positions` (the same pair without a local base)."""
     global_rope = rope_tables(cfg.rope, cfg.head_dim, positions)
     local_rope = rope_tables(cfg.rope_local, cfg.head_dim, positions) if cfg.rope_local else global_rope
@@ -65,26 +78,25 @@ def final_norm(w: Weights, cfg: ModelConfig, h: jax.Array) -> jax.Array:
 def hidden(
     w: Weights,
     cfg: ModelConfig,
-    tokens: jax.Array,  # [B, T] int32
-    positions: jax.Array,  # [B, T] int32, -1 for padding
+    tokens: tuple[jax.Array, ...],  # per segment [B, T] int32
+    positions: tuple[jax.Array, ...],  # per segment [B, T] int32, -1 for padding
     kv: KVCache,
-    page_table: jax.Array,  # [B, W] int32
-) -> tuple[jax.Array, KVCache]:
+    page_tables: tuple[jax.Array, ...],  # per segment [B, W] int32
+) -> tuple[tuple[jax.Array, ...], KVCache]:
     """Embedding, the layers (unrolled over a list, or `lax.scan` over stacked weights), and the
-    final norm: -> (hidden [B, T, D], kv)."""
-    h = embed(w, cfg, tokens)
-    global_rope, local_rope = ropes(cfg, positions)
+    final norm, over one or several segments: -> (per-segment hidden [B, T, D], kv)."""
+    h = flatten(tuple(embed(w, cfg, t) for t in tokens))
+    ropes = tuple(ropes_for(cfg, p) for p in positions)
     if isinstance(w.layers, list):
         for i, lw in enumerate(w.layers):
-            rope = local_rope if cfg.sliding_flags[i] else global_rope
-            h, kv = block(cfg, lw, h, kv, i, page_table, positions, rope, windows(cfg)[i])
+            segs = segments(page_tables, positions, ropes, bool(cfg.sliding_flags[i]))
+            h, kv = block(cfg, lw, h, segs, kv, i, windows(cfg)[i])
     else:
 
         def step(carry, xs):
             h, kv = carry
             lw, layer, is_sliding, window = xs
-            rope = jax.tree.map(lambda g, loc: jnp.where(is_sliding, loc, g), global_rope, local_rope)
-            return block(cfg, lw, h, kv, layer, page_table, positions, rope, window), None
+            return block(cfg, lw, h, segments(page_tables, positions, ropes, is_sliding), kv, layer, window), None
 
         xs = (
             w.layers,
@@ -93,10 +105,11 @@ def hidden(
             jnp.asarray(windows(cfg), jnp.int32),
         )
         (h, kv), _ = jax.lax.scan(step, (h, kv), xs)
-    return final_norm(w, cfg, h), kv
+    h = final_norm(w, cfg, h)
+    return unflatten(h, segments(page_tables, positions, ropes, False)), kv
 
 
 def forward(w: Weights, cfg: ModelConfig, tokens, positions, kv: KVCache, page_table):
-    """-> (float32 logits [B, T, V], updated kv)."""
-    h, kv = hidden(w, cfg, tokens, positions, kv, page_table)
+    """One segment -> (float32 logits [B, T, V], updated kv)."""
+    (h,), kv = hidden(w, cfg, (tokens,), (positions,), kv, (page_table,))
     return unembed(w, cfg, h), kv

@@ -65,7 +65,7 @@ def time_variant(model, variant: str, batches: list[int], args) -> None:
     for B in batches:
         key = ("decode", B, 1, W)
         compiled, kv = table.get(key), table.init_kv()
-        inputs = jax.device_put(step_inputs(key, config, args.context, num_pages, rng))
+        inputs = jax.device_put((step_inputs(key, config, args.context, num_pages, rng),))
         for _ in range(3):
             kv, out = compiled(weights, kv, inputs)
         jax.block_until_ready(out)

@@ -3,6 +3,8 @@ prefill chunk the scheduler can produce has a compiled executable."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from graph.api import EngineConfig
@@ -104,8 +106,24 @@ def test_prefill_and_decode_keys_of_a_tiny_config():
         ("prefill", 1, 20, 8), ("prefill", 1, 20, 12),
     ]  # fmt: skip
     assert b.decode_keys() == [("decode", bs, 1, p) for bs in (1, 2, 4, 6) for p in (2, 4, 8, 12)]
-    assert b.all_keys() == b.prefill_keys() + b.decode_keys()
+    # mixed steps: every batch and context bucket with one chunk size, the largest prefill bucket
+    # beside a full batch of 6 within the default budget of 6 + 64 tokens
+    assert b.mixed_tokens == 20
+    assert b.mixed_keys() == [("mixed", bs, 20, p) for bs in (1, 2, 4, 6) for p in (2, 4, 8, 12)]
+    assert b.all_keys() == b.prefill_keys() + b.decode_keys() + b.mixed_keys()
     assert len(set(b.all_keys())) == len(b.all_keys())
+
+
+@pytest.mark.parametrize(("budget", "chunk"), [(0, 0), (10, 4), (13, 4), (14, 8), (21, 8), (22, 16), (1000, 20)])
+def test_the_mixed_chunk_is_the_largest_prefill_bucket_beside_a_full_batch(budget, chunk):
+    config = dataclasses.replace(TINY, max_num_batched_tokens=budget)
+    assert Buckets.from_config(config).mixed_tokens == chunk
+    assert bool(Buckets.from_config(config).mixed_keys()) == bool(chunk)
+
+
+def test_a_budget_without_room_for_a_chunk_beside_a_full_batch_is_refused():
+    with pytest.raises(ValueError, match="use at least 10, or 0 for no mixed steps"):
+        Buckets.from_config(dataclasses.replace(TINY, max_num_batched_tokens=9))
 
 
 CONFIGS = {
@@ -146,13 +164,13 @@ def test_a_three_token_prompt_runs_in_a_compiled_prefill_bucket():
     """The same check through the real batching code: chunks are padded to at least
     min_prefill_tokens (8) while their context only needs the pages of their real tokens (1)."""
     from graph.api import SamplingParams
-    from graph.batching import build_prefill
+    from graph.batching import build_step
     from graph.scheduler import Prefill, Sequence
 
     config = CONFIGS["prefill-min-above-context-min"]
     b = Buckets.from_config(config)
     seq = Sequence("r", [5, 6, 7], SamplingParams(), seed=0, pages=[1])
-    key, inputs = build_prefill(Prefill(seq, 0, 3), b, config.max_seq_len, lambda s: ())
+    key, (inputs,) = build_step(Prefill(seq, 0, 3), b, config.max_seq_len, lambda s: ())
     assert key == ("prefill", 1, 8, 1)
     assert inputs.tokens.shape == (1, 8) and inputs.page_table.shape == (1, 1)
     assert key in b.all_keys()

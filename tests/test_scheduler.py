@@ -4,7 +4,8 @@ answers [8, 9, 10] however it was batched, chunked or preempted.
 
 The fake model also stands in for the paged KV cache: every fed token is written into a pool of
 pages through the sequence's page list, and the whole context is read back through it, so a page
-that two live sequences share, or a cache that survives a preemption it should not, fails loudly.
+written while another sequence holds it, a cached page whose contents are not the prefix it is
+reused for, or a cache that survives a preemption it should not, fails loudly.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 
 from graph.api import SamplingParams
 from graph.kv_cache import PageAllocator
-from graph.scheduler import Decode, Prefill, Scheduler, Sequence
+from graph.scheduler import Decode, Mixed, Prefill, Scheduler, Sequence
 
 
 def expected(prompt: list[int], max_tokens: int) -> list[int]:
@@ -23,9 +24,10 @@ def expected(prompt: list[int], max_tokens: int) -> list[int]:
 
 
 class FakeModel:
-    def __init__(self, num_pages: int, page_size: int):
+    def __init__(self, allocator: PageAllocator, page_size: int):
+        self.allocator = allocator
         self.page_size = page_size
-        self.pool: list[list[tuple[str, int] | None]] = [[None] * page_size for _ in range(num_pages)]
+        self.pool: list[list[int | None]] = [[None] * page_size for _ in range(allocator.num_pages)]
 
     def _slot(self, seq: Sequence, pos: int) -> tuple[int, int]:
         page = seq.pages[pos // self.page_size]  # IndexError: the scheduler gave too few pages
@@ -37,47 +39,72 @@ class FakeModel:
         assert start == seq.computed and 0 < n <= seq.pending
         for pos in range(start, start + n):
             page, slot = self._slot(seq, pos)
-            self.pool[page][slot] = (seq.request_id, seq.tokens[pos])
+            assert self.allocator.refs(page) == 1, f"{seq.request_id} writes into page {page}, which is shared"
+            self.pool[page][slot] = seq.tokens[pos]
         context = [self.pool[p][s] for p, s in (self._slot(seq, pos) for pos in range(start + n))]
-        assert context == [(seq.request_id, t) for t in seq.tokens[: start + n]], seq.request_id
-        return (context[-1][1] + 1) % 100
+        assert context == seq.tokens[: start + n], seq.request_id
+        return (context[-1] + 1) % 100
 
 
 class Driver:
     """The engine's step loop (graph/engine.py) with the fake model in place of the executables."""
 
-    def __init__(self, usable_pages: int, *, page_size: int, max_batch: int, max_prefill_tokens: int):
-        self.allocator = PageAllocator(usable_pages + 1)
+    def __init__(
+        self,
+        usable_pages: int,
+        *,
+        page_size: int,
+        max_batch: int,
+        max_prefill_tokens: int,
+        mixed_tokens: int = 0,
+        caching: bool = False,
+    ):
+        self.allocator = PageAllocator(usable_pages + 1, caching=caching)
         self.scheduler = Scheduler(
-            self.allocator, page_size=page_size, max_batch=max_batch, max_prefill_tokens=max_prefill_tokens
+            self.allocator,
+            page_size=page_size,
+            max_batch=max_batch,
+            max_prefill_tokens=max_prefill_tokens,
+            mixed_tokens=mixed_tokens,
         )
-        self.model = FakeModel(usable_pages + 1, page_size)
+        self.model = FakeModel(self.allocator, page_size)
         self.trace: list[tuple] = []
         self.finished: dict[str, list[int]] = {}
 
-    def add(self, request_id: str, prompt: list[int], max_tokens: int) -> Sequence:
-        seq = Sequence(request_id, list(prompt), SamplingParams(max_tokens=max_tokens), seed=0)
+    def add(self, request_id: str, prompt: list[int], max_tokens: int, **params) -> Sequence:
+        seq = Sequence(request_id, list(prompt), SamplingParams(max_tokens=max_tokens, **params), seed=0)
         self.scheduler.add(seq)
         return seq
 
-    def step(self) -> Prefill | Decode | None:
+    def step(self) -> Prefill | Decode | Mixed | None:
         d = self.scheduler.schedule()
-        if isinstance(d, Prefill):
-            seq = d.seq
-            self.trace.append(("P", seq.request_id, d.start, d.length))
-            token = self.model.feed(seq, d.start, d.length)
-            self.scheduler.advance(seq, d.length)
-            if d.start + d.length == seq.length:  # the last chunk samples the next token
-                self._accept(seq, token)
+        if isinstance(d, Mixed):  # the engine's order: the decode rows, then the chunk
+            self.trace.append(("M", *(s.request_id for s in d.decode.seqs), "+", d.prefill.seq.request_id))
+            self._decode(d.decode)
+            self._prefill(d.prefill)
+        elif isinstance(d, Prefill):
+            self.trace.append(("P", d.seq.request_id, d.start, d.length))
+            self._prefill(d)
         elif isinstance(d, Decode):
             self.trace.append(("D", *(s.request_id for s in d.seqs)))
-            assert all(s.pending == 1 for s in d.seqs)
-            tokens = [self.model.feed(s, s.computed, 1) for s in d.seqs]  # one batched step
-            for seq, token in zip(d.seqs, tokens, strict=True):
-                self.scheduler.advance(seq, 1)
-                self._accept(seq, token)
+            self._decode(d)
         self.check_pages()
         return d
+
+    def _prefill(self, d: Prefill) -> None:
+        seq = d.seq
+        assert d.length > 0 and d.start == seq.computed
+        token = self.model.feed(seq, d.start, d.length)
+        self.scheduler.advance(seq, d.length)
+        if d.start + d.length == seq.length:  # the last chunk samples the next token
+            self._accept(seq, token)
+
+    def _decode(self, d: Decode) -> None:
+        assert all(s.pending == 1 for s in d.seqs)
+        tokens = [self.model.feed(s, s.computed, 1) for s in d.seqs]  # one batched step
+        for seq, token in zip(d.seqs, tokens, strict=True):
+            self.scheduler.advance(seq, 1)
+            self._accept(seq, token)
 
     def _accept(self, seq: Sequence, token: int) -> None:
         seq.output.append(token)
@@ -94,10 +121,11 @@ class Driver:
 
     def check_pages(self) -> None:
         live = list(self.scheduler.running) + list(self.scheduler.waiting)
-        owned = [p for s in live for p in s.pages]
-        assert len(owned) == len(set(owned)), "a page is owned by two live sequences"
-        assert 0 not in owned
-        assert self.allocator.num_used == len(owned)
+        self.allocator.check([s.pages for s in live])  # exact reference counts, each page in one state
+        if not self.allocator.caching:
+            owned = [p for s in live for p in s.pages]
+            assert len(owned) == len(set(owned)), "a page is owned by two live sequences"
+            assert self.allocator.num_used == len(owned)
         assert all(not s.pages for s in self.scheduler.waiting)
         assert len(self.scheduler.running) <= self.scheduler.max_batch
 
@@ -351,3 +379,148 @@ def test_random_workload_with_aborts_frees_every_page_and_answers_correctly():
         assert out == expected(seqs[name].prompt, seqs[name].params.max_tokens), name
     assert d.allocator.num_free == usable and d.allocator.num_used == 0
     assert all(s.pages == [] for s in seqs.values())
+
+
+# ---- mixed steps ----
+
+
+def test_running_sequences_get_a_token_in_every_step_while_a_long_prompt_is_prefilled():
+    d = Driver(32, page_size=4, max_batch=4, max_prefill_tokens=16, mixed_tokens=4)
+    d.add("a", [1, 2], max_tokens=8)
+    d.add("b", [3], max_tokens=8)
+    d.step()
+    d.add("c", list(range(30)), max_tokens=2)  # 30 tokens: chunks of 4 beside the decode rows
+    assert d.run() == [
+        ("M", "b", "+", "a"),  # b's one-token prompt decodes at once, beside a's prompt
+        *[("M", "a", "b", "+", "c")] * 7,  # c: 7 chunks of 4, and a token for a and b in each step
+        ("P", "c", 28, 2),  # a and b are done: c's last chunk alone
+        ("D", "c"),
+    ]
+    assert d.finished == {"a": expected([2], 8), "b": expected([3], 8), "c": expected([29], 2)}
+
+
+def test_the_oldest_prompt_gets_the_chunk_of_every_mixed_step():
+    d = Driver(32, page_size=4, max_batch=4, max_prefill_tokens=16, mixed_tokens=4)
+    d.add("a", [1], max_tokens=6)
+    d.step()
+    d.add("b", list(range(10)), max_tokens=1)
+    d.add("c", list(range(6)), max_tokens=1)
+    d.run()
+    chunks = [t[-1] for t in d.trace if t[0] == "M"]
+    assert chunks == ["b", "b", "b", "c", "c"]  # b to the end first (10 = 4 + 4 + 2), then c (4 + 2)
+    assert d.finished == {"a": expected([1], 6), "b": [10], "c": [6]}
+
+
+# ---- prefix caching ----
+
+
+def test_a_cached_prefix_is_reused_and_only_the_rest_is_prefilled():
+    d = Driver(16, page_size=4, max_batch=4, max_prefill_tokens=16, caching=True)
+    system = list(range(40, 50))  # 10 tokens: 2 full pages
+    d.add("a", [*system, 1], max_tokens=2)
+    d.run()
+    assert d.allocator.num_cached == 3  # a's 3 full pages (11 prompt + 1 fed output token = 12)
+    b = d.add("b", [*system, 2, 3], max_tokens=2)
+    d.run()
+    assert d.trace[-2:] == [("P", "b", 8, 4), ("D", "b")]  # 2 pages reused, 4 tokens fed
+    assert b.cached == 8 and d.scheduler.cached_tokens == 8 and d.scheduler.prompt_tokens == 11 + 12
+    assert d.finished["b"] == expected([3], 2)
+    d.allocator.check([])
+    assert d.allocator.num_free == 16  # cached pages count as free
+
+
+def test_an_identical_prompt_feeds_only_its_last_token():
+    d = Driver(16, page_size=4, max_batch=4, max_prefill_tokens=16, caching=True)
+    d.add("a", list(range(8)), max_tokens=1)
+    d.add("b", list(range(8)), max_tokens=3)
+    d.run()
+    assert d.trace == [("P", "a", 0, 8), ("P", "b", 0, 8), ("D", "b"), ("D", "b")]  # admitted together
+    c = d.add("c", list(range(8)), max_tokens=1)
+    d.run()
+    assert c.cached == 4 and d.trace[-1] == ("P", "c", 4, 4)  # the second page holds the token to feed
+    assert d.finished["c"] == [8]
+
+
+def test_prompt_logprobs_requests_are_prefilled_in_full_but_still_fill_the_cache():
+    d = Driver(16, page_size=4, max_batch=4, max_prefill_tokens=16, caching=True)
+    d.add("a", list(range(9)), max_tokens=1)
+    d.run()
+    d.add("b", list(range(9)), max_tokens=1, prompt_logprobs=1)
+    d.run()
+    assert d.trace[-1] == ("P", "b", 0, 9)
+    d.add("c", list(range(9)), max_tokens=1)
+    d.run()
+    assert d.trace[-1] == ("D", "c")  # 8 tokens cached: its last token goes straight into a decode step
+
+
+def test_cached_pages_are_evicted_least_recently_used_first_only_when_pages_run_out():
+    d = Driver(4, page_size=4, max_batch=4, max_prefill_tokens=16, caching=True)
+    d.add("a", list(range(10, 15)), max_tokens=1)  # 1 full page cached
+    d.run()
+    d.add("b", list(range(20, 25)), max_tokens=1)  # 1 more
+    d.run()
+    assert d.allocator.num_cached == 2
+    d.add("a2", list(range(10, 15)), max_tokens=1)  # uses a's page again: b's is now the oldest
+    d.run()
+    assert d.trace[-1] == ("D", "a2")
+    d.add("big", list(range(50, 61)), max_tokens=1)  # 3 pages of 4 free: evicts exactly one (b's)
+    d.run()
+    d.add("a3", list(range(10, 15)), max_tokens=1)
+    d.run()
+    d.add("b2", list(range(20, 25)), max_tokens=1)
+    d.run()
+    assert d.trace[-3:] == [
+        ("P", "big", 0, 11),
+        ("D", "a3"),  # a's page survived
+        ("P", "b2", 0, 5),  # b's was evicted
+    ]
+
+
+def test_a_preempted_sequence_finds_its_filled_pages_in_the_cache():
+    d = Driver(5, page_size=2, max_batch=4, max_prefill_tokens=8, caching=True)
+    a = d.add("a", [10, 11, 12], max_tokens=5)  # 8 tokens: 4 pages
+    b = d.add("b", [50, 51, 52], max_tokens=3)
+    assert d.run() == [
+        ("P", "a", 0, 3),
+        ("D", "a"),
+        ("P", "b", 0, 3),
+        ("D", "a", "b"),
+        ("D", "a"),  # b needed a third page: preempted, its 2 full pages went to the cache
+        ("D", "a"),  # a's fourth page evicted b's tail page (freed last-page-first), not its head
+        ("P", "b", 2, 3),  # b comes back with its first page from the cache
+    ]
+    assert (a.preemptions, b.preemptions) == (0, 1)
+    assert d.finished == {"a": expected([12], 5), "b": expected([52], 3)}
+
+
+@pytest.mark.parametrize("mixed_tokens", [0, 4])
+def test_random_shared_prefix_workload_keeps_exact_reference_counts(mixed_tokens):
+    """300 requests sharing prefixes, random aborts, preemptions: the allocator's invariants hold
+    after every step (`check_pages`), every answer is right, and at the end every page is free or
+    held by the cache alone."""
+    rng = random.Random(7 + mixed_tokens)
+    usable = 30
+    d = Driver(usable, page_size=4, max_batch=6, max_prefill_tokens=8, mixed_tokens=mixed_tokens, caching=True)
+    prefixes = [[rng.randrange(100) for _ in range(rng.randint(4, 24))] for _ in range(5)]
+    seqs: dict[str, Sequence] = {}
+    aborted: set[str] = set()
+    while len(seqs) < 300 or d.scheduler.num_unfinished:
+        if len(seqs) < 300 and rng.random() < 0.4:
+            name = f"r{len(seqs)}"
+            prompt = rng.choice(prefixes) + [rng.randrange(100) for _ in range(rng.randint(0, 12))]
+            seqs[name] = d.add(name, prompt, max_tokens=rng.randint(1, 30))
+        live = [n for n, s in seqs.items() if n not in d.finished and n not in aborted]
+        if live and rng.random() < 0.02:
+            name = rng.choice(live)
+            d.scheduler.remove(seqs[name])
+            aborted.add(name)
+        if d.scheduler.num_unfinished:
+            assert d.step() is not None
+    assert sum(s.preemptions for s in seqs.values()) > 5, "the workload should exercise preemption"
+    assert d.scheduler.cached_tokens > 0.2 * d.scheduler.prompt_tokens, "and prefix reuse"
+    assert set(d.finished) | aborted == set(seqs)
+    for name, out in d.finished.items():
+        assert out == expected(seqs[name].prompt, seqs[name].params.max_tokens), name
+    d.allocator.check([])
+    assert d.allocator.num_used == 0 and d.allocator.num_free == usable and d.allocator.num_cached > 0
+    assert d.allocator.reset_cache() == usable and d.allocator.num_cached == 0
