@@ -1,5 +1,7 @@
 """`python -m graph.aot --model M --out DIR [bucket options]`: compile the whole executable table
-ahead of time and write it (serialized executables + manifest.json) for `--aot-dir DIR`.
+ahead of time and write it (serialized executables + manifest.json) for `--aot-dir DIR`. Also
+`xlaserve compile --model M --out DIR`. It uses the compilation cache as the server does
+(graph/compile_cache.py: `--compile-cache DIR|off`).
 
 The bucket options must be the ones the server will run with; the manifest records them with the
 model fingerprint, dtype, backend, device kind and count, jax/jaxlib versions and the memory
@@ -12,6 +14,7 @@ import argparse
 import logging
 import time
 
+from graph import compile_cache
 from graph.api import EngineConfig
 from graph.buckets import Buckets
 from graph.cli import add_options, build
@@ -20,8 +23,8 @@ from graph.kv_cache import plan_num_pages
 from models.loader import load_model
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m graph.aot", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m graph.aot") -> None:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="alias, Hugging Face directory, .gguf file or hub id")
     parser.add_argument("--out", required=True, help="artifact directory to write")
     add_options(parser, EngineConfig, skip=("aot_dir",), choices={"dtype": ("float32", "bfloat16")})
@@ -29,6 +32,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = build(EngineConfig, vars(args))
     started = time.monotonic()
+    try:
+        compile_cache.configure(config.compile_cache)
+    except ValueError as e:
+        parser.error(str(e))
     model = load_model(args.model, config.dtype)
     buckets = Buckets.from_config(config)
     table = ExecutableTable.compile(model.cfg, model.dtype, config, buckets, plan_num_pages(model, config, buckets))

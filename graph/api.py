@@ -47,6 +47,7 @@ class EngineConfig:
     quantize: str = "none"  # none | int8: int8 weights (int8 x int8 dots on CPU, weight-only on GPU/TPU)
     layer_loop: str = "auto"  # auto (layered on CPU, else scan) | scan | unroll | layered: one executable per layer
     aot_dir: str | None = None  # load executables from here instead of compiling
+    compile_cache: str | None = None  # XLA compilation cache directory, or off (none: ~/.cache/xlaserve/xla)
     debug_step_delay: float = 0.0  # testing: seconds to sleep before each step (simulates a slow device)
 
     def __post_init__(self) -> None:

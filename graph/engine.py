@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator
 
 import jax
 
+from graph import compile_cache
 from graph.api import (
     EngineConfig,
     EngineStoppedError,
@@ -127,6 +128,7 @@ class Engine:
 
     @classmethod
     def create(cls, model: LoadedModel, config: EngineConfig) -> Engine:
+        compile_cache.configure(config.compile_cache)
         if config.dtype != model.dtype:
             config = dataclasses.replace(config, dtype=model.dtype)
         buckets = Buckets.from_config(config)

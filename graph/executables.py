@@ -9,18 +9,24 @@ that is not in the table is a loud error: nothing is ever compiled while serving
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import pickle
+import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
 import jaxlib
 from jax.experimental.serialize_executable import deserialize_and_load, serialize
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from graph.api import EngineConfig
 from graph.buckets import Buckets
@@ -41,6 +47,69 @@ def _memory(compiled) -> dict[str, int]:
     m = compiled.memory_analysis()
     fields = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes", "generated_code_size_in_bytes")
     return {f: int(getattr(m, f, 0) or 0) for f in fields} if m is not None else {}
+
+
+class _FromCache:
+    """Tells whether everything a call compiled on this thread came from jax's persistent
+    compilation cache (jax reports each cache request and each hit as an event on the compiling
+    thread)."""
+
+    REQUEST, HIT = "/jax/compilation_cache/compile_requests_use_cache", "/jax/compilation_cache/cache_hits"
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def __enter__(self) -> _FromCache:
+        jax.monitoring.register_event_listener(self._on_event)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        jax.monitoring.unregister_event_listener(self._on_event)
+
+    def _on_event(self, event: str, **kwargs: Any) -> None:
+        counts = getattr(self._local, "counts", None)
+        if counts is not None and event in counts:
+            counts[event] += 1
+
+    def run(self, fn: Callable[[], Any]) -> tuple[Any, bool]:
+        """-> (fn(), whether it compiled something and all of it came from the cache)."""
+        self._local.counts = counts = {self.REQUEST: 0, self.HIT: 0}
+        try:
+            return fn(), 0 < counts[self.REQUEST] == counts[self.HIT]
+        finally:
+            self._local.counts = None
+
+
+class _Progress:
+    """Compilation progress: a bar with the count, elapsed time and an estimate of the rest when
+    stderr is a terminal (tqdm), else one log line per executable."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.finished = total, 0
+        self._bar: tqdm | None = None
+        self._redirect: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+        if sys.stderr.isatty():
+            self._bar = tqdm(total=total, desc="compiling", unit="exe", file=sys.stderr, dynamic_ncols=True)
+            self._redirect = logging_redirect_tqdm()  # log lines print above the bar, not through it
+
+    def __enter__(self) -> _Progress:
+        self._redirect.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        self._redirect.__exit__(*exc)
+
+    def done(self, name: str, seconds: float, cached: bool) -> None:
+        self.finished += 1
+        if self._bar is not None:
+            self._bar.set_postfix_str(name, refresh=False)
+            self._bar.update()
+        elif cached:
+            log.info("loaded %d/%d %s from the compilation cache in %.1fs", self.finished, self.total, name, seconds)
+        else:
+            log.info("compiled %d/%d %s in %.1fs", self.finished, self.total, name, seconds)
 
 
 def lower(cfg: ModelConfig, dtype: str, config: EngineConfig, num_pages: int, key: Key) -> dict[str, Any]:
@@ -72,19 +141,26 @@ class ExecutableTable:
                 lowering.setdefault(n, fn)
         started = time.monotonic()
         log.info("compiling %d executables (%s, %s, %d KV pages)", len(lowering), dtype, layer_loop(config), num_pages)
-        executables, memory = {}, {}
+        executables, memory, cached = {}, {}, 0
+        with _FromCache() as from_cache, _Progress(len(lowering)) as progress:
 
-        def compile_one(item):
-            n, fn = item
-            t0 = time.monotonic()
-            return n, fn().compile(), time.monotonic() - t0
+            def compile_one(n: str) -> tuple[str, Any, float, bool]:
+                t0 = time.monotonic()
+                compiled, hit = from_cache.run(lambda: lowering[n]().compile())
+                return n, compiled, time.monotonic() - t0, hit
 
-        # XLA compiles outside the GIL: one compilation per core
-        with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            for i, (n, compiled, seconds) in enumerate(pool.map(compile_one, lowering.items()), 1):
-                executables[n], memory[n] = compiled, _memory(compiled)
-                log.info("compiled %d/%d %s in %.1fs", i, len(lowering), n, seconds)
-        log.info("compiled %d executables in %.1fs", len(lowering), time.monotonic() - started)
+            # XLA compiles outside the GIL: one compilation per core
+            with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+                futures = [pool.submit(compile_one, n) for n in lowering]
+                for future in concurrent.futures.as_completed(futures):
+                    n, compiled, seconds, hit = future.result()
+                    executables[n], memory[n] = compiled, _memory(compiled)
+                    cached += hit
+                    progress.done(n, seconds, hit)
+        log.info(
+            "%d executables ready in %.1fs: %d compiled, %d from the compilation cache",
+            len(lowering), time.monotonic() - started, len(lowering) - cached, cached,
+        )  # fmt: skip
         return cls(cfg, dtype, config, buckets, num_pages, executables, memory)
 
     def get(self, key: Key) -> StepProgram:

@@ -45,18 +45,18 @@ class ServerConfig:
             raise ValueError("max_body_bytes must be at least 1")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m serving.main") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m serving.main",
+        prog=prog,
         description="Serve a model over the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models).",
     )
     add_options(parser, ServerConfig, choices={"log_level": LOG_LEVELS, "dtype": DTYPES})
     return parser
 
 
-def parse_args(argv: Sequence[str] | None = None) -> ServerConfig:
+def parse_args(argv: Sequence[str] | None = None, prog: str = "python -m serving.main") -> ServerConfig:
     """The command line -> a `ServerConfig` (exits with the usage on a bad option)."""
-    parser = build_parser()
+    parser = build_parser(prog)
     namespace = parser.parse_args(argv)
     try:
         return build(ServerConfig, vars(namespace))

@@ -192,8 +192,8 @@ def setup_logging(level: str) -> None:
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    config = parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = "python -m serving.main") -> int:
+    config = parse_args(argv, prog)
     setup_logging(config.log_level)
     try:
         sock = bind(config.host, config.port)
