@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import collections
 import dataclasses
 import logging
 import secrets
@@ -112,6 +113,7 @@ class Engine:
         self._stop = False
         self._reset_cache = False
         self.steps = 0
+        self.step_kinds: collections.Counter[str] = collections.Counter()  # prefill | decode | mixed
         self._thread = threading.Thread(target=self._loop, name="engine-step", daemon=True)
         self._thread.start()
         # stop the step thread before the interpreter tears down the runtime under it
@@ -252,6 +254,7 @@ class Engine:
         if self.config.debug_step_delay:
             time.sleep(self.config.debug_step_delay)
         key, inputs = build_step(decision, self.buckets, self.max_seq_len, self.outputs.suppressed)
+        self.step_kinds[key[0]] += 1
         self.kv, outs = self.table.get(key)(self.params, self.kv, inputs)
         outs = jax.device_get(outs)
         if isinstance(decision, Mixed):

@@ -104,7 +104,8 @@ def lowerings(
         return {names[0]: precise(lambda: jax.jit(fn, donate_argnums=(1,)).lower(weights, kv, inputs))}
     n = len(segs)
     hs = tuple(jax.ShapeDtypeStruct((sb, st, cfg.hidden_size), jdtype) for _, sb, st in segs)
-    ropes = tuple((r, r) for r in (jax.ShapeDtypeStruct((sb, st, cfg.head_dim), jnp.float32) for _, sb, st in segs))
+    tables = (jax.ShapeDtypeStruct((sb, st, cfg.head_dim), jnp.float32) for _, sb, st in segs)
+    ropes = tuple(((r, r), (r, r)) for r in tables)  # per segment: (global, local), each (cos, sin)
     G = group_size(cfg)
     per_layer = (jax.ShapeDtypeStruct((G,), jnp.int32), jax.ShapeDtypeStruct((G,), jnp.bool_))
     top = without_layers(weights)
