@@ -83,16 +83,20 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotated * sin
 
 
-def write_kv(cache: jax.Array, layer: Any, new: jax.Array, page_table: jax.Array, positions: jax.Array) -> jax.Array:
-    """Scatter new [B, T, K, Dh] into cache [L, K, P, S, Dh] at each token's page and slot."""
-    page_size = cache.shape[3]
+def kv_slots(page_table: jax.Array, positions: jax.Array, page_size: int) -> tuple[jax.Array, jax.Array]:
+    """The (page, slot) of each token [B, T] -> two [B * T] arrays; padding (position -1) goes to
+    scratch page 0."""
     valid = positions >= 0
     safe = jnp.where(valid, positions, 0)
-    pages = jnp.take_along_axis(page_table, safe // page_size, axis=1)  # [B, T]
-    pages = jnp.where(valid, pages, 0)
-    slots = jnp.where(valid, safe % page_size, 0)
-    # advanced indices around a slice: the indexed view is [B, T, K, Dh], new's own layout
-    return cache.at[layer, :, pages, slots].set(new.astype(cache.dtype))
+    pages = jnp.take_along_axis(page_table, safe // page_size, axis=1)
+    return jnp.where(valid, pages, 0).reshape(-1), jnp.where(valid, safe % page_size, 0).reshape(-1)
+
+
+def write_kv(cache: jax.Array, layer: Any, new: jax.Array, slots: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Scatter new [N, K, Dh] into cache [L, K, P, S, Dh] at each token's (page, slot) [N]."""
+    pages, offsets = slots
+    # advanced indices around a slice: the indexed view is [N, K, Dh], new's own layout
+    return cache.at[layer, :, pages, offsets].set(new.astype(cache.dtype))
 
 
 def paged_attention(
@@ -165,7 +169,7 @@ def attention(
     qkv = linear(x, lw.qkv)  # [N, (H + 2K) * Dh]
     if lw.qkv_bias is not None:
         qkv = qkv + lw.qkv_bias
-    outs = []
+    qs, ks, vs = [], [], []
     for part, seg in zip(unflatten(qkv, segs), segs, strict=True):
         B, T = seg.positions.shape
         q = part[..., : H * Dh].reshape(B, T, H, Dh)
@@ -175,11 +179,18 @@ def attention(
             q = rms_norm(q, lw.q_norm, cfg.rms_norm_eps, cfg.norm_plus_one)
             k = rms_norm(k, lw.k_norm, cfg.rms_norm_eps, cfg.norm_plus_one)
         cos, sin = seg.rope
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        kv = KVCache(
-            write_kv(kv.k, layer, k, seg.page_table, seg.positions),
-            write_kv(kv.v, layer, v, seg.page_table, seg.positions),
-        )
+        qs.append(apply_rope(q, cos, sin))
+        ks.append(apply_rope(k, cos, sin).reshape(B * T, K, Dh))
+        vs.append(v.reshape(B * T, K, Dh))
+    # every segment's keys are written before any is read: one scatter per cache, in place (a
+    # write after another segment's read would make XLA copy the whole pool)
+    slots = [kv_slots(seg.page_table, seg.positions, kv.page_size) for seg in segs]
+    slots = tuple(jnp.concatenate(x) if len(segs) > 1 else x[0] for x in zip(*slots, strict=True))
+    cat = (lambda xs: jnp.concatenate(xs)) if len(segs) > 1 else (lambda xs: xs[0])
+    kv = KVCache(write_kv(kv.k, layer, cat(ks), slots), write_kv(kv.v, layer, cat(vs), slots))
+    outs = []
+    for q, seg in zip(qs, segs, strict=True):
+        B, T = seg.positions.shape
         out = paged_attention(
             q, kv, layer, seg.page_table, seg.positions,
             scale=cfg.attn_scale, window=window, softcap=cfg.attn_logit_softcap,

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.layers import KVCache, paged_attention, write_kv
+from models.layers import KVCache, kv_slots, paged_attention, write_kv
 from models.quant import _rotate, linear, quantize, rotation_block
 
 B, K, G, Dh, S, W, L = 3, 2, 3, 8, 4, 5, 2  # 3 sequences, 2 kv heads x 3 queries each, 5 pages of 4
@@ -45,7 +45,9 @@ def test_head_major_paged_attention_equals_dense_attention(window, layer):
     def run(layer_index):
         lay = 1 if layer == 1 else layer_index
         cache = KVCache(jnp.zeros(shape), jnp.zeros(shape))
-        cache = KVCache(write_kv(cache.k, lay, k, pages, positions), write_kv(cache.v, lay, v, pages, positions))
+        slots = kv_slots(pages, positions, cache.page_size)
+        flat = (-1, *k.shape[2:])
+        cache = KVCache(write_kv(cache.k, lay, k.reshape(flat), slots), write_kv(cache.v, lay, v.reshape(flat), slots))
         return paged_attention(q, cache, lay, pages, positions, scale=0.3, window=window, softcap=None)
 
     out = np.asarray(run(jnp.int32(1)))

@@ -1,0 +1,101 @@
+"""Mixed steps and prefix caching through the real engine: a request's tokens do not depend on
+whether it ran alone, in mixed steps beside other prompts' chunks, or with its prefix taken from
+the prefix cache; on the bundled SmolLM2 and on a tiny random Gemma 3, whose sliding-window layers
+must find valid keys in cached pages too."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+
+from graph.api import EngineConfig, SamplingParams
+from graph.offline import LLM
+from models.config import ModelConfig
+from models.params import init_params
+
+GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+SEEDED = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, seed=99, ignore_eos=True)
+SYSTEM = list(range(1000, 1070))  # a 70-token shared prefix: 4 full pages of 16
+SUFFIXES = [[5, 6, 7], [8], list(range(2000, 2020)), [9, 10]]
+PROMPTS = [SYSTEM + s for s in SUFFIXES]
+
+
+@pytest.fixture(scope="module")
+def gemma_llm(smol_model):
+    hf = {
+        "model_type": "gemma3_text",
+        "vocab_size": smol_model.cfg.vocab_size,  # the borrowed tokenizer's ids
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "sliding_window": 24,  # windows end mid-page
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"],
+        "max_position_embeddings": 512,
+    }
+    cfg = ModelConfig.from_hf(hf)
+    model = dataclasses.replace(
+        smol_model, name="tiny-gemma3", cfg=cfg, params=init_params(cfg, seed=3, scale=0.5), fingerprint="tinygemma3"
+    )
+    llm = LLM(model, EngineConfig(max_batch=4, max_seq_len=256, max_prefill_tokens=64, min_context_tokens=256))
+    yield llm
+    llm.shutdown()
+
+
+@pytest.fixture(params=["smollm2", "gemma3-tiny"])
+def llm(request, smol_llm, gemma_llm):
+    return smol_llm if request.param == "smollm2" else gemma_llm
+
+
+def alone(llm: LLM, params: SamplingParams) -> list[list[int]]:
+    """Each prompt by itself on an empty prefix cache: no sharing, no mixed step."""
+    out = []
+    for prompt in PROMPTS:
+        llm.engine.reset_prefix_cache()
+        out.append(llm.generate([prompt], params)[0].token_ids)
+    return out
+
+
+@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+def test_a_prefix_from_the_cache_gives_the_same_tokens(llm, params):
+    expected = alone(llm, params)
+    engine = llm.engine
+    engine.reset_prefix_cache()
+    llm.generate([PROMPTS[0]], params)
+    before = engine.stats()["prefix_cached_tokens"]
+    got = [llm.generate([p], params)[0].token_ids for p in PROMPTS]
+    # every request found the 4 full pages of the shared prefix (the first, its whole prompt but
+    # the last token's page)
+    assert engine.stats()["prefix_cached_tokens"] - before >= len(PROMPTS) * 64
+    assert got == expected
+
+
+@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+def test_prompts_prefilled_in_mixed_steps_give_the_same_tokens(llm, params):
+    expected = alone(llm, params)
+    engine, long = llm.engine, dataclasses.replace(params, max_tokens=48)
+    engine.reset_prefix_cache()
+    mixed_before = engine.step_kinds["mixed"]
+
+    async def run():
+        runner = engine.submit(list(range(3000, 3010)), long)
+        first = await runner.__anext__()  # it is decoding now: every prompt below is prefilled beside it
+        streams = [engine.submit(p, params) for p in PROMPTS]
+        got = []
+        for s in streams:
+            tokens = []
+            async for out in s:
+                tokens += out.token_ids
+            got.append(tokens)
+        async for out in runner:
+            first.token_ids += out.token_ids
+        return got, len(first.token_ids)
+
+    got, runner_tokens = asyncio.run(run())
+    assert runner_tokens == 48
+    assert engine.step_kinds["mixed"] - mixed_before >= 2  # the 73+-token prompts take 2 chunks of 64
+    assert got == expected
