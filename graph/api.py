@@ -104,6 +104,7 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None  # one per new token when requested
     finish_reason: str | None = None  # stop | length | abort | error
     prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
     completion_tokens: int = 0  # total so far
     prompt_logprobs: list[TokenLogprob | None] | None = None  # first delta only (first token: None)
     error: str | None = None

@@ -93,6 +93,7 @@ class OutputProcessor:
             logprobs=logprobs,
             finish_reason=finish,
             prompt_tokens=len(seq.prompt),
+            cached_tokens=seq.cached,
             completion_tokens=len(seq.output),
         )
         if not state.first_sent:

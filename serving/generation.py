@@ -23,7 +23,7 @@ from starlette.requests import Request
 from graph.api import EngineError, RequestOutput, SamplingParams, TokenLogprob
 from serving.errors import APIError, bad_request, from_engine_error
 from serving.metrics import Metrics
-from serving.protocol import ChatCompletionRequest, CompletionRequest, UsageInfo
+from serving.protocol import ChatCompletionRequest, CompletionRequest, PromptTokensDetails, UsageInfo
 
 if TYPE_CHECKING:
     from graph.engine import Engine
@@ -176,6 +176,8 @@ class Generation:
         self._last_token_at: list[float | None] = []
         self.prompt_tokens = 0
         self.completion_tokens: list[int] = []
+        self.cached_tokens: list[int] = []  # per choice
+        self._choices_per_prompt = 1
 
     def submit(self, prompts: Sequence[list[int]], params: Sequence[SamplingParams], param: str) -> None:
         """Submit `len(params)` choices per prompt (choice index: prompt index * n + sample index);
@@ -191,12 +193,19 @@ class Generation:
             raise from_engine_error(e, param) from e
         self._last_token_at = [None] * len(self._streams)
         self.completion_tokens = [0] * len(self._streams)
+        self.cached_tokens = [0] * len(self._streams)
+        self._choices_per_prompt = len(params)
         self.prompt_tokens = sum(len(p) for p in prompts)
 
     def usage(self) -> UsageInfo:
         completion = sum(self.completion_tokens)
+        n = self._choices_per_prompt  # a prompt counts once; its cached part is its best choice's
+        cached = sum(max(self.cached_tokens[i : i + n]) for i in range(0, len(self.cached_tokens), n))
         return UsageInfo(
-            prompt_tokens=self.prompt_tokens, completion_tokens=completion, total_tokens=self.prompt_tokens + completion
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=completion,
+            total_tokens=self.prompt_tokens + completion,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
         )
 
     @property
@@ -207,6 +216,7 @@ class Generation:
         now = time.monotonic()
         if out.prompt_tokens and index not in self._prompt_counted:
             self._prompt_counted.add(index)
+            self.cached_tokens[index] = out.cached_tokens
             self._metrics.prompt_tokens.inc(out.prompt_tokens)
         if out.token_ids:
             last = self._last_token_at[index]

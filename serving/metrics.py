@@ -21,6 +21,9 @@ _ENGINE_GAUGES = {
     "pages_used": ("xlaserve_kv_pages_used", "KV cache pages in use"),
     "pages_free": ("xlaserve_kv_pages_free", "KV cache pages free"),
     "pages_total": ("xlaserve_kv_pages_total", "KV cache pages in the pool"),
+    "pages_cached": ("xlaserve_kv_pages_cached", "KV cache pages held only by the prefix cache (reusable, evictable)"),
+    "prompt_tokens": ("xlaserve_prefix_cache_queried_tokens", "Prompt tokens of admitted requests"),
+    "prefix_cached_tokens": ("xlaserve_prefix_cache_hit_tokens", "Prompt tokens taken from the prefix cache"),
 }
 
 
@@ -34,6 +37,10 @@ class _EngineCollector(Collector):
             return
         for key, (name, doc) in _ENGINE_GAUGES.items():
             yield GaugeMetricFamily(name, doc, value=stats[key])
+        rate = stats["prefix_cached_tokens"] / stats["prompt_tokens"] if stats["prompt_tokens"] else 0.0
+        yield GaugeMetricFamily(
+            "xlaserve_prefix_cache_hit_rate", "Prompt tokens taken from the prefix cache / prompt tokens", value=rate
+        )
 
 
 class Metrics:

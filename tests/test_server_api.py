@@ -7,7 +7,7 @@ import pytest
 
 pytest.register_assert_rewrite("tests.server_fixtures")
 
-from tests.server_fixtures import MODEL, assert_matches_schema  # noqa: E402
+from tests.server_fixtures import MODEL, assert_matches_schema, engine_metrics  # noqa: E402
 
 # server, openai_client (the official client), http (httpx), tokenizer
 pytest_plugins = ("tests.server_fixtures",)
@@ -69,6 +69,25 @@ def test_completion_response_has_the_openai_fields(http):
     assert data["id"].startswith("cmpl-") and data["object"] == "text_completion"
     assert data["choices"][0]["text"].startswith(" 7")  # the count goes on
     assert data["usage"]["completion_tokens"] == 4
+
+
+def test_a_repeated_prompt_is_served_from_the_prefix_cache(openai_client, server):
+    """The second identical request reuses every full KV page of the first (usage says how many
+    prompt tokens, OpenAI's `prompt_tokens_details.cached_tokens`), answers the same, and /metrics
+    counts the reuse."""
+    system = "You answer in the style of a ship's log. " + " ".join(f"Rule {i}: be brief." for i in range(20))
+    messages = [{"role": "system", "content": system}, *SHORT]
+    before = engine_metrics(server.url)
+    first, second = (chat(openai_client, messages=messages, temperature=0, max_tokens=8) for _ in range(2))
+    prompt = first.usage.prompt_tokens
+    assert prompt > 100 and second.usage.prompt_tokens == prompt
+    assert first.usage.prompt_tokens_details.cached_tokens < 64  # at most the chat template's head
+    assert second.usage.prompt_tokens_details.cached_tokens == (prompt - 1) // 16 * 16
+    assert text_of(second) == text_of(first)
+    after = engine_metrics(server.url)
+    hits = after["xlaserve_prefix_cache_hit_tokens"] - before["xlaserve_prefix_cache_hit_tokens"]
+    assert hits >= second.usage.prompt_tokens_details.cached_tokens
+    assert 0 < after["xlaserve_prefix_cache_hit_rate"] <= 1
 
 
 # ---- sampling parameters -------------------------------------------------------------------------
