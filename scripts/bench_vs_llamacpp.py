@@ -6,7 +6,12 @@ alone on the machine; the table gives each side's output tokens/s, ITL and TTFT 
     ../shared/bench/build_llamacpp.sh /tmp/llamacpp
     .venv/bin/python scripts/bench_vs_llamacpp.py --ours "--quantize int8" --concurrency 1 8 16 32
 
-llama.cpp serves the model's own GGUF file (SmolLM2's Q4_1, Gemma's Q4_K_M) with `-t 2`.
+llama.cpp serves the model's own GGUF file (SmolLM2's Q4_1, Gemma's Q4_K_M) with `-t 2`, one slot
+per concurrent request, each slot with room for a whole request; its prompt cache is its default
+one (`cache_prompt` on: each slot reuses the prefix its previous request shares with the next).
+`--ours` may be given several times: each flag set is a row of the table (e.g. with and without
+`--no-enable-prefix-caching`). `--shared-prefix-words N` gives every prompt the same first N words
+(load.py), the workload prefix caching is for.
 """
 
 from __future__ import annotations
@@ -41,10 +46,10 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def llamacpp(binary: str, gguf: Path, slots: int) -> Iterator[str]:
+def llamacpp(binary: str, gguf: Path, slots: int, per_slot: int) -> Iterator[str]:
     port = free_port()
     command = [binary, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t", "2",
-               "-np", str(slots), "-c", str(512 * slots), "--log-disable"]  # fmt: skip
+               "-np", str(slots), "-c", str(per_slot * slots), "--log-disable"]  # fmt: skip
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -82,7 +87,7 @@ def run_load(url: str, concurrency: int, requests: int, args: argparse.Namespace
     command = [sys.executable, str(LOAD), "--base-url", url, "--endpoint", "completions", "--json",
                "--concurrency", str(concurrency), "--num-requests", str(requests), "--prompt-tokens",
                str(args.prompt_tokens), "--max-tokens", str(args.max_tokens), "--ignore-eos",
-               "--warmup", "1"]  # fmt: skip
+               "--warmup", "1", "--shared-prefix-words", str(args.shared_prefix_words)]  # fmt: skip
     out = subprocess.run(command, capture_output=True, text=True, timeout=3600)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -90,38 +95,47 @@ def run_load(url: str, concurrency: int, requests: int, args: argparse.Namespace
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--ours", default="", help="extra xlaserve flags, e.g. '--quantize int8'")
+    parser.add_argument("--ours", action="append", help="extra xlaserve flags, e.g. '--quantize int8' (repeatable)")
     parser.add_argument("--llama-server", default="/tmp/llamacpp/build/bin/llama-server")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16, 32])
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--shared-prefix-words", type=int, default=0)
     parser.add_argument("--skip-llamacpp", action="store_true")
     args = parser.parse_args()
     from models.loader import resolve
 
     gguf = resolve(args.model)[1]
     levels = [(c, max(8, 2 * c)) for c in args.concurrency]
-    results: dict[str, dict[int, dict]] = {"llama.cpp": {}, "xlaserve": {}}
+    runs = args.ours or [""]
+    results: dict[str, dict[int, dict]] = {"llama.cpp": {}}
     if not args.skip_llamacpp:
-        with llamacpp(args.llama_server, gguf, max(args.concurrency)) as url:
+        words = args.prompt_tokens + args.shared_prefix_words
+        per_slot = 256 * -(-(words * 3 // 2 + args.max_tokens + 64) // 256)
+        with llamacpp(args.llama_server, gguf, max(args.concurrency), per_slot) as url:
             for c, n in levels:
                 results["llama.cpp"][c] = run_load(url, c, n, args)
                 print("llama.cpp", c, json.dumps(results["llama.cpp"][c]), flush=True)
-    with xlaserve(args.model, shlex.split(args.ours)) as url:
-        for c, n in levels:
-            results["xlaserve"][c] = run_load(url, c, n, args)
-            print("xlaserve", c, json.dumps(results["xlaserve"][c]), flush=True)
-    print(f"\n{args.model}, xlaserve {args.ours or '(defaults)'}")
-    print("| concurrency | xlaserve tok/s | llama.cpp tok/s | ratio | xlaserve ITL p50/p99 ms | "
+    for flags in runs:
+        results[flags] = {}
+        with xlaserve(args.model, shlex.split(flags)) as url:
+            for c, n in levels:
+                results[flags][c] = run_load(url, c, n, args)
+                print("xlaserve", flags, c, json.dumps(results[flags][c]), flush=True)
+    print(f"\n{args.model}: {args.prompt_tokens} words in ({args.shared_prefix_words} shared), {args.max_tokens} out")
+    print("| xlaserve flags | concurrency | xlaserve tok/s | llama.cpp tok/s | ratio | xlaserve ITL p50/p99 ms | "
           "llama.cpp ITL p50/p99 ms | xlaserve TTFT p50 ms | llama.cpp TTFT p50 ms |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
-    for c, _ in levels:
-        ours, theirs = results["xlaserve"][c], results["llama.cpp"].get(c, {})
-        ratio = ours["output_tok_per_s"] / theirs["output_tok_per_s"] if theirs else float("nan")
-        print(f"| {c} | {ours['output_tok_per_s']:.1f} | {theirs.get('output_tok_per_s', float('nan')):.1f} | "
-              f"{ratio:.2f}x | {ours['itl_ms_p50']:.0f} / {ours['itl_ms_p99']:.0f} | "
-              f"{theirs.get('itl_ms_p50', 0):.0f} / {theirs.get('itl_ms_p99', 0):.0f} | "
-              f"{ours['ttft_ms_p50']:.0f} | {theirs.get('ttft_ms_p50', 0):.0f} |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
+    nan = float("nan")
+    for flags in runs:
+        for c, _ in levels:
+            ours, theirs = results[flags][c], results["llama.cpp"].get(c, {})
+            ratio = ours["output_tok_per_s"] / theirs["output_tok_per_s"] if theirs else nan
+            print(f"| {flags or '(defaults)'} | {c} | {ours['output_tok_per_s']:.1f} | "
+                  f"{theirs.get('output_tok_per_s', nan):.1f} | {ratio:.2f}x | "
+                  f"{ours['itl_ms_p50']:.0f} / {ours['itl_ms_p99']:.0f} | "
+                  f"{theirs.get('itl_ms_p50', 0):.0f} / {theirs.get('itl_ms_p99', 0):.0f} | "
+                  f"{ours['ttft_ms_p50']:.0f} | {theirs.get('ttft_ms_p50', 0):.0f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

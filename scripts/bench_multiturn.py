@@ -1,0 +1,85 @@
+"""A multi-turn chat replay: 10 turns, each re-sending the whole conversation so far plus a new
+user message (~50 words), streaming, greedy, 64 output tokens per turn. Prints the time to first
+token of every turn; with prefix caching the history's pages are reused, so turn 10's TTFT stays
+close to turn 1's instead of growing with the history.
+
+    .venv/bin/python scripts/bench_multiturn.py --ours "" --ours "--no-enable-prefix-caching"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+if __package__ in (None, ""):  # run as a script: make the repo's packages importable
+    sys.path.insert(0, str(REPO))
+
+from scripts.bench_vs_llamacpp import xlaserve  # noqa: E402
+
+WORDS = "the sea ship wind sail north river harbour light storm calm crew deck map star night morning".split()
+
+
+def turn(client: httpx.Client, model: str, messages: list[dict], max_tokens: int) -> tuple[float, str]:
+    """-> (seconds to the first content chunk, the whole reply)."""
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    started, first, text = time.perf_counter(), None, ""
+    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            delta = json.loads(line[6:])["choices"]
+            content = delta[0]["delta"].get("content") if delta else None
+            if content:
+                first = first or time.perf_counter() - started
+                text += content
+    return first or float("nan"), text
+
+
+def replay(url: str, turns: int, words: int, max_tokens: int, seed: int) -> list[float]:
+    rng = random.Random(seed)
+    messages: list[dict] = []
+    ttfts = []
+    with httpx.Client(base_url=url, timeout=600) as client:
+        model = client.get("/v1/models").json()["data"][0]["id"]
+        for _ in range(turns):
+            question = " ".join(rng.choice(WORDS) for _ in range(words))
+            messages.append({"role": "user", "content": f"Tell me about {question}."})
+            ttft, reply = turn(client, model, messages, max_tokens)
+            messages.append({"role": "assistant", "content": reply})
+            ttfts.append(ttft)
+    return ttfts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--ours", action="append", help="xlaserve flags (repeatable: one replay per set)")
+    parser.add_argument("--turns", type=int, default=10)
+    parser.add_argument("--words", type=int, default=50)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    args = parser.parse_args()
+    rows = []
+    for flags in args.ours or [""]:
+        with xlaserve(args.model, shlex.split(flags)) as url:
+            replay(url, 2, args.words, args.max_tokens, seed=99)  # warm up
+            ttfts = replay(url, args.turns, args.words, args.max_tokens, seed=1)
+        rows.append((flags or "(defaults)", ttfts))
+        print(flags, json.dumps([round(t * 1000) for t in ttfts]), flush=True)
+    print(f"\n| xlaserve flags | TTFT turn 1 ms | TTFT turn {args.turns} ms | ratio | every turn (ms) |")
+    print("|---|---|---|---|---|")
+    for flags, t in rows:
+        print(f"| {flags} | {t[0] * 1000:.0f} | {t[-1] * 1000:.0f} | {t[-1] / t[0]:.2f}x | "
+              f"{' '.join(str(round(x * 1000)) for x in t)} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
