@@ -1,7 +1,7 @@
 """`python -m graph.aot --model M --out DIR [bucket options]`: compile the whole executable table
 ahead of time and write it (serialized executables + manifest.json) for `--aot-dir DIR`. Also
-`xlaserve compile --model M --out DIR`. It uses the compilation cache as the server does
-(graph/compile_cache.py: `--compile-cache DIR|off`).
+`xlaserve compile --model M --out DIR`. It reads and fills the compilation cache as the server does
+(graph/compile_cache.py, `--compile-cache DIR|off`), but writes only fresh compilations.
 
 The bucket options must be the ones the server will run with; the manifest records them with the
 model fingerprint, dtype, backend, device kind and count, jax/jaxlib versions and the memory
@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m graph.aot") -> No
         parser.error(str(e))
     model = load_model(args.model, config.dtype)
     buckets = Buckets.from_config(config)
-    table = ExecutableTable.compile(model.cfg, model.dtype, config, buckets, plan_num_pages(model, config, buckets))
+    num_pages = plan_num_pages(model, config, buckets)
+    table = ExecutableTable.compile(model.cfg, model.dtype, config, buckets, num_pages, serializable=True)
     table.save(args.out, model.fingerprint)
     print(f"wrote {len(table.executables)} executables to {args.out} in {time.monotonic() - started:.1f}s")
 

@@ -12,9 +12,14 @@ version, the backend's platform and version, the device topology (or device kind
 (plus `--xla*` command-line arguments), and the serialized compile options (which carry the
 XLA debug options those flags set). A new jax emits its own HLO and comes with its own jaxlib
 (both are pinned together). Weights are arguments, not constants, so a model with the same shapes
-and other weights rightly shares executables. XLA:CPU code is built for the host's CPU features,
-which the key leaves out; on load XLA:CPU refuses an executable that uses features this host lacks,
-and jax then warns and compiles afresh.
+and other weights rightly shares executables. The key leaves out the host's CPU features, which
+XLA:CPU code is built for: a home directory shared by machines with different CPUs wants one
+`--compile-cache` per machine kind (jaxlib 0.10.2 does check them when it loads XLA:CPU code, "...
+is not supported on the host machine", and jax turns a failed load into a warning and a compile).
+
+jax 0.10.2 cannot serialize an executable it loaded from this cache (the XLA:CPU executable written
+again lacks its kernels: "Function ... not found" when it runs), so an executable that goes into an
+AOT artifact is always a fresh compilation (`ExecutableTable.compile(..., serializable=True)`).
 
 The directory is trusted: a cached executable is machine code that runs in this process, so whoever
 can write to the directory can run code here. It is created private (mode 0700), and a directory
@@ -23,16 +28,18 @@ that others may write to, or that belongs to another user, is refused.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
 from jax.experimental.compilation_cache import compilation_cache
 
 OFF = "off"
-_UNSET = object()
-_active: object = _UNSET  # the directory (or None: off) configure() last set in this process
+_active: Path | None = None  # the directory configure() last set in this process (None: off, or never set)
 
 
 def default_dir() -> Path:
@@ -50,20 +57,41 @@ def resolve(setting: str | None) -> Path | None:
 def configure(setting: str | None) -> Path | None:
     """Point jax's persistent compilation cache at `setting` (see `resolve`); call before compiling.
     -> the directory in use, or None."""
-    global _active
     path = resolve(setting)
     if path is not None:
         _check_private(path)
-    if path != _active:
-        # jax opens its cache once per process, at the first compilation: a new setting needs a reset
+    _apply(path)
+    return path
+
+
+@contextlib.contextmanager
+def bypassed() -> Iterator[None]:
+    """Compile without the cache (nothing read, nothing written) inside the block, which must not
+    overlap other compilations: the setting is process-wide."""
+    before = _active
+    _apply(None)
+    try:
+        yield
+    finally:
+        _apply(before)
+
+
+def _apply(path: Path | None) -> None:
+    global _active
+    # jax opens its cache once, at the first compilation after a reset (which it logs at INFO: noise here)
+    jax_log = logging.getLogger("jax._src.compilation_cache")
+    level = jax_log.level
+    jax_log.setLevel(logging.WARNING)
+    try:
         compilation_cache.reset_cache()
+    finally:
+        jax_log.setLevel(level)
     jax.config.update("jax_enable_compilation_cache", path is not None)
     jax.config.update("jax_compilation_cache_dir", None if path is None else str(path))
     if path is not None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # default: only those over 1 s
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # no size threshold
     _active = path
-    return path
 
 
 def _check_private(path: Path) -> None:

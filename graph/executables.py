@@ -18,7 +18,7 @@ import pickle
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from jax.experimental.serialize_executable import deserialize_and_load, serializ
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from graph import compile_cache
 from graph.api import EngineConfig
 from graph.buckets import Buckets
 from graph.layout import layer_loop
@@ -80,6 +81,22 @@ class _FromCache:
             self._local.counts = None
 
 
+def _compile_parallel(
+    lowering: dict[str, Callable[[], Any]], names: list[str]
+) -> Iterator[tuple[str, Any, float, bool]]:
+    """Lower and compile `names`, one compilation per core (XLA compiles outside the GIL); -> as each
+    finishes: (name, executable, seconds, whether it came from the compilation cache)."""
+
+    def one(n: str) -> tuple[str, Any, float, bool]:
+        t0 = time.monotonic()
+        compiled, hit = from_cache.run(lambda: lowering[n]().compile())
+        return n, compiled, time.monotonic() - t0, hit
+
+    with _FromCache() as from_cache, concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for future in concurrent.futures.as_completed([pool.submit(one, n) for n in names]):
+            yield future.result()
+
+
 class _Progress:
     """Compilation progress: a bar with the count, elapsed time and an estimate of the rest when
     stderr is a terminal (tqdm), else one log line per executable."""
@@ -127,41 +144,49 @@ class ExecutableTable:
     num_pages: int
     executables: dict[str, Any]  # by unit name (graph/programs.py)
     memory: dict[str, dict[str, int]]
+    from_cache: frozenset[str] = frozenset()  # loaded from the compilation cache: not serializable
 
     def __post_init__(self) -> None:
         self._programs: dict[Key, StepProgram] = {}
 
     @classmethod
     def compile(
-        cls, cfg: ModelConfig, dtype: str, config: EngineConfig, buckets: Buckets, num_pages: int
+        cls,
+        cfg: ModelConfig,
+        dtype: str,
+        config: EngineConfig,
+        buckets: Buckets,
+        num_pages: int,
+        serializable: bool = False,
     ) -> ExecutableTable:
+        """Compile every executable of the table (those the compilation cache has are loaded from
+        it); `serializable`: compile again, bypassing the cache, those that came from it, so that
+        `save` can write them (graph/compile_cache.py)."""
         lowering: dict[str, Any] = {}
         for key in [INIT_KV, *buckets.all_keys()]:
             for n, fn in lowerings(cfg, dtype, config, num_pages, key, config.max_seq_len).items():
                 lowering.setdefault(n, fn)
         started = time.monotonic()
         log.info("compiling %d executables (%s, %s, %d KV pages)", len(lowering), dtype, layer_loop(config), num_pages)
-        executables, memory, cached = {}, {}, 0
-        with _FromCache() as from_cache, _Progress(len(lowering)) as progress:
-
-            def compile_one(n: str) -> tuple[str, Any, float, bool]:
-                t0 = time.monotonic()
-                compiled, hit = from_cache.run(lambda: lowering[n]().compile())
-                return n, compiled, time.monotonic() - t0, hit
-
-            # XLA compiles outside the GIL: one compilation per core
-            with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-                futures = [pool.submit(compile_one, n) for n in lowering]
-                for future in concurrent.futures.as_completed(futures):
-                    n, compiled, seconds, hit = future.result()
-                    executables[n], memory[n] = compiled, _memory(compiled)
-                    cached += hit
-                    progress.done(n, seconds, hit)
+        executables, memory, cached = {}, {}, set()
+        with _Progress(len(lowering)) as progress:
+            for n, compiled, seconds, hit in _compile_parallel(lowering, list(lowering)):
+                executables[n], memory[n] = compiled, _memory(compiled)
+                if hit:
+                    cached.add(n)
+                progress.done(n, seconds, hit)
         log.info(
             "%d executables ready in %.1fs: %d compiled, %d from the compilation cache",
-            len(lowering), time.monotonic() - started, len(lowering) - cached, cached,
+            len(lowering), time.monotonic() - started, len(lowering) - len(cached), len(cached),
         )  # fmt: skip
-        return cls(cfg, dtype, config, buckets, num_pages, executables, memory)
+        if serializable and cached:
+            log.info("compiling the %d from the cache again, bypassing it, to write them", len(cached))
+            with compile_cache.bypassed(), _Progress(len(cached)) as progress:
+                for n, compiled, seconds, hit in _compile_parallel(lowering, sorted(cached)):
+                    executables[n] = compiled
+                    progress.done(n, seconds, hit)
+            cached.clear()
+        return cls(cfg, dtype, config, buckets, num_pages, executables, memory, frozenset(cached))
 
     def get(self, key: Key) -> StepProgram:
         program = self._programs.get(key)
@@ -187,6 +212,11 @@ class ExecutableTable:
         }
 
     def save(self, directory: str | Path, fingerprint: str) -> None:
+        if self.from_cache:
+            raise RuntimeError(
+                f"{len(self.from_cache)} executables came from the compilation cache and cannot be serialized "
+                "(graph/compile_cache.py): compile the table with serializable=True"
+            )
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         for n, compiled in self.executables.items():

@@ -1,18 +1,38 @@
 """Session fixtures shared by the engine and server tests: the real bundled model, loaded once,
 an offline engine over it with a small bucket set, and a tiny random model for fast engine
-mechanics (it borrows the real tokenizer so text paths run for real)."""
+mechanics (it borrows the real tokenizer so text paths run for real); and the session's one XLA
+compilation cache."""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from graph import compile_cache
 from graph.api import EngineConfig
 from models.loader import LoadedModel, load_model
 
 # Small buckets keep compilation short on a 2-core CI machine: 17 executables.
 SMALL = EngineConfig(max_batch=8, max_seq_len=256, max_prefill_tokens=128, min_context_tokens=128, kv_memory_gb=0.5)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_compile_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """One XLA compilation cache for the whole session, in a fresh directory (the user's own is never
+    touched): engines in this process take it as their default directory, and the server and compile
+    subprocesses get it as `--compile-cache` (tests/server_fixtures.py), so a bucket set compiled
+    once in the session loads from the cache at its next start.
+
+    Tests that count compilations still see every one: jax reports its backend_compile event around
+    the cache lookup, so an executable loaded from the cache counts too (tests/test_compile_cache.py
+    checks that this holds)."""
+    path = tmp_path_factory.mktemp("xla-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(compile_cache, "default_dir", lambda: path)
+        yield path
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,9 @@ port, with the real bundled model and the real engine.
 
 Compiling the engine is the slow part of a start, so the session compiles one small bucket set once
 (`python -m graph.aot`) and every server of the session loads it with `--aot-dir`. The shared server
-is started once per session however many test modules use it.
+is started once per session however many test modules use it. Every subprocess gets the session's
+compilation cache (`cache_args`, tests/conftest.py), so a start that does compile reuses what any
+other start of the session compiled.
 
 Test modules load the fixtures with `pytest_plugins = ("tests.server_fixtures",)` and import the
 helpers they use.
@@ -43,7 +45,7 @@ class ServerProcess:
     """One server subprocess; its stdout and stderr are kept (and written to `log_path`)."""
 
     def __init__(self, args: list[str], log_path: Path, command: list[str] | None = None) -> None:
-        self.command = command or [sys.executable, "-m", "serving.main", "--port", "0", *args]
+        self.command = command or [sys.executable, "-m", "serving.main", "--port", "0", *cache_args(), *args]
         self.log_path = log_path
         self.stdout: list[str] = []
         self.stderr: list[str] = []
@@ -155,8 +157,16 @@ class ServerProcess:
 # a session fixture is one instance however many modules use it.
 
 
+def cache_args() -> list[str]:
+    """`--compile-cache DIR` for a server or compile subprocess: the session's cache, which
+    tests/conftest.py makes the default directory in this process."""
+    from graph import compile_cache
+
+    return ["--compile-cache", str(compile_cache.default_dir())]
+
+
 def _compile_aot(out: Path) -> Path:
-    command = [sys.executable, "-m", "graph.aot", "--model", MODEL, "--out", str(out), *SMALL_ENGINE]
+    command = [sys.executable, "-m", "graph.aot", "--model", MODEL, "--out", str(out), *cache_args(), *SMALL_ENGINE]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return out
@@ -174,7 +184,7 @@ def start_make_serve(args: list[str], log_path: Path) -> ServerProcess:
     dry_run = subprocess.run(["make", "-n", "serve"], cwd=REPO, capture_output=True, text=True, check=True).stdout
     if stamp := re.search(r"^touch (\S+)$", dry_run, re.MULTILINE):  # a venv not made by make: take it as is
         make += ["-o", stamp[1]]
-    return ServerProcess([], log_path, command=[*make, "serve", f"ARGS={' '.join(args)}"]).start()
+    return ServerProcess([], log_path, command=[*make, "serve", f"ARGS={' '.join([*cache_args(), *args])}"]).start()
 
 
 def start_server(aot: Path, log_path: Path, *extra: str) -> ServerProcess:

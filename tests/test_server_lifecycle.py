@@ -26,6 +26,7 @@ from tests.server_fixtures import (  # noqa: E402
     REPO,
     SMALL_ENGINE,
     ServerProcess,
+    cache_args,
     engine_metrics,
     sse_events,
     start_server,
@@ -203,7 +204,8 @@ def test_help_lists_every_option_with_its_default():
 def _connect_when_listening(aot_dir: Path) -> bytes:
     """Start a server and, on the reading thread itself, connect the moment its "listening" line
     arrives; -> the raw answer to GET /health."""
-    command = [sys.executable, "-m", "serving.main", "--port", "0", *SMALL_ENGINE, "--aot-dir", str(aot_dir)]
+    command = [sys.executable, "-m", "serving.main", "--port", "0", *cache_args(), *SMALL_ENGINE]
+    command += ["--aot-dir", str(aot_dir)]
     proc = subprocess.Popen(command, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:

@@ -1,0 +1,125 @@
+"""XLA's persistent compilation cache (graph/compile_cache.py): on by default in a private per-user
+directory, a second start with a warm cache compiles nothing, `--compile-cache off` reads and writes
+nothing, a directory others may write to is refused; and the `xlaserve` console script runs both
+commands. (That an artifact compiled with a warm cache runs: tests/test_aot.py.)"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+
+from graph import compile_cache
+from graph.api import EngineConfig, SamplingParams
+from graph.compile_cache import default_dir  # the real one: tests/conftest.py gives engines the session's
+from serving.cli import main as xlaserve
+from serving.config import parse_args
+
+# The smallest table, on the tiny model: one prefill and one decode bucket, fixed pages.
+TINY = EngineConfig(
+    max_batch=1, max_seq_len=64, min_prefill_tokens=16, max_prefill_tokens=16, min_context_tokens=64, kv_pages=8
+)
+COMPILED_LINE = re.compile(r"compiled \d+/\d+ ")
+
+
+EVENTS = {
+    "/jax/compilation_cache/compile_requests_use_cache": "requests",
+    "/jax/compilation_cache/cache_hits": "hits",
+    "/jax/core/compile/backend_compile_duration": "compiles",
+}
+
+
+class Events(collections.Counter):
+    """jax.monitoring's compilation events while active: cache requests, cache hits, backend compiles."""
+
+    def __enter__(self) -> Events:
+        jax.monitoring.register_event_listener(self._on_event)
+        jax.monitoring.register_event_duration_secs_listener(self._on_duration)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        jax.monitoring.unregister_event_listener(self._on_event)
+        jax.monitoring.unregister_event_duration_listener(self._on_duration)
+
+    def _on_event(self, event: str, **kwargs: object) -> None:
+        if event in EVENTS:
+            self[EVENTS[event]] += 1
+
+    def _on_duration(self, event: str, duration: float, **kwargs: object) -> None:
+        self._on_event(event)
+
+
+def _start(model, config: EngineConfig) -> tuple[Events, list[int]]:
+    """Build an engine (counting what it compiles) and run one greedy request through it."""
+    from graph.offline import LLM
+
+    with Events() as events:
+        llm = LLM(model, config)
+    try:
+        return events, llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0))[0].token_ids
+    finally:
+        llm.shutdown()
+
+
+def test_default_directory_is_per_user(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_dir() == tmp_path / "xdg" / "xlaserve" / "xla"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_dir() == tmp_path / "home" / ".cache" / "xlaserve" / "xla"
+
+
+def test_second_start_with_a_warm_cache_compiles_nothing(tiny_model, tmp_path, caplog):
+    cache = tmp_path / "xla"
+    config = dataclasses.replace(TINY, compile_cache=str(cache))
+    cold, cold_tokens = _start(tiny_model, config)
+    assert cold["hits"] < cold["requests"]
+    assert any(cache.iterdir()) and cache.stat().st_mode & 0o777 == 0o700  # private: it holds code
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="graph.executables"):
+        warm, warm_tokens = _start(tiny_model, config)
+    assert warm["requests"] > 0 and warm["hits"] == warm["requests"]  # every executable from the cache
+    log = [r.getMessage() for r in caplog.records]
+    assert not any(COMPILED_LINE.search(line) for line in log), log
+    assert any(re.search(r"ready in \S+: 0 compiled, [1-9]\d* from the compilation cache", line) for line in log)
+    assert warm_tokens == cold_tokens
+    # jax counts a cache hit as a backend compile too, so the tests that assert zero compilations
+    # (tests/test_aot.py, tests/test_engine.py) would see an executable loaded from the cache
+    assert warm["compiles"] == warm["hits"]
+
+
+def test_compile_cache_off_writes_nothing(tiny_model, tmp_path, monkeypatch, session_compile_cache):
+    config = dataclasses.replace(TINY, compile_cache=parse_args(["--compile-cache", "off"]).engine.compile_cache)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # where a default cache would go
+    before = sorted(session_compile_cache.iterdir())
+    events, _ = _start(tiny_model, config)
+    assert events["compiles"] > 0 and events["requests"] == 0  # it compiled, and asked no cache
+    assert not any(tmp_path.iterdir()) and sorted(session_compile_cache.iterdir()) == before
+
+
+def test_cache_directory_others_can_write_is_refused(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(ValueError, match="may be written by other users"):
+        compile_cache.configure(str(shared))
+
+
+def test_console_script_runs_both_commands(capsys):
+    script = Path(sys.executable).with_name("xlaserve")
+    assert script.exists(), f"{script} is missing: install the package (make install)"
+    top = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=60)
+    assert top.returncode == 0 and "serve" in top.stdout and "compile" in top.stdout
+    for command, option in (("serve", "--port"), ("compile", "--out")):
+        with pytest.raises(SystemExit) as exit:
+            xlaserve([command, "--help"])
+        assert exit.value.code == 0
+        usage = capsys.readouterr().out
+        assert usage.startswith(f"usage: xlaserve {command} ") and option in usage and "--compile-cache" in usage
