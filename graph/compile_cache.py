@@ -2,8 +2,9 @@
 from disk instead of compiling it again (seconds instead of minutes for the default table).
 
 On by default, in a per-user directory: `$XDG_CACHE_HOME/xlaserve/xla`, else `~/.cache/xlaserve/xla`
-(`--compile-cache DIR` moves it, `--compile-cache off` turns it off). Every executable is cached,
-the small and quick ones too, so a warm start compiles nothing.
+(`--compile-cache DIR` moves it, `--compile-cache off` turns it off), with jax's cache in `DIR/jax`
+and the executable store (below) in `DIR/executables`. Every executable is cached, the small and
+quick ones too, so a warm start compiles nothing.
 
 A stale executable cannot be loaded: jax looks an executable up by a hash (jax/_src/cache_key.py,
 jax 0.10.2) over the StableHLO of the program (so the model's shapes and config, the bucket, the
@@ -17,9 +18,20 @@ XLA:CPU code is built for: a home directory shared by machines with different CP
 `--compile-cache` per machine kind (jaxlib 0.10.2 does check them when it loads XLA:CPU code, "...
 is not supported on the host machine", and jax turns a failed load into a warning and a compile).
 
-jax 0.10.2 cannot serialize an executable it loaded from this cache (the XLA:CPU executable written
-again lacks its kernels: "Function ... not found" when it runs), so an executable that goes into an
-AOT artifact is always a fresh compilation (`ExecutableTable.compile(..., serializable=True)`).
+jax's cache needs the program to find its executable, and tracing and lowering the model is most
+of a warm start (16 of 22 s for 86 executables). So each fresh compilation is also kept, serialized
+as compiled, in an `ExecutableStore` beside jax's cache, found by a key over what the table is built
+from: the engine's configuration (all of it but the fields that only size the pool or the queue),
+the pool's page count, the model config, the jax, jaxlib, numpy and ml_dtypes versions, `XLA_FLAGS`,
+backend and devices, and a hash of the source of graph/ and models/. A start reads it before
+lowering anything (86 executables: ~3 s); what it lacks goes through jax's cache, whose exact key
+decides. After a change to graph/ or models/, then, a start lowers again and stays as slow as
+jax's cache makes it (what jax's cache had is not stored again) until that directory is cleared.
+
+jax 0.10.2 cannot serialize an executable it loaded from a cache (the XLA:CPU executable written
+again lacks its kernels: "Function ... not found" when it runs), so only fresh compilations are
+stored, and an AOT artifact holds fresh compilations only (`ExecutableTable.compile(...,
+serializable=True)`).
 
 The directory is trusted: a cached executable is machine code that runs in this process, so whoever
 can write to the directory can run code here. It is created private (mode 0700), and a directory
@@ -29,11 +41,17 @@ that others may write to, or that belongs to another user, is refused.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
+import importlib
+import importlib.metadata
+import json
 import logging
 import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import jax
 from jax.experimental.compilation_cache import compilation_cache
@@ -52,6 +70,49 @@ def resolve(setting: str | None) -> Path | None:
     if setting == OFF:
         return None
     return Path(setting).expanduser().absolute() if setting else default_dir()
+
+
+class ExecutableStore:
+    """Serialized executables by unit name, under a key over everything their table is built from
+    (see the module docstring); `key` holds the table's own part of it."""
+
+    def __init__(self, root: Path, key: dict[str, Any]) -> None:
+        versions = {m: importlib.metadata.version(m) for m in ("jax", "jaxlib", "numpy", "ml_dtypes")}
+        full = {**key, "versions": versions, "xla_flags": os.environ.get("XLA_FLAGS", ""), "source": source_digest()}
+        self.root = root
+        self._digest = hashlib.sha256(json.dumps(full, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+    def _path(self, name: str) -> Path:
+        return self.root / f"{name}-{self._digest}.bin"
+
+    def read(self, name: str) -> bytes | None:
+        try:
+            return self._path(name).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def write(self, name: str, data: bytes) -> None:
+        self.root.mkdir(mode=0o700, exist_ok=True)
+        path = self._path(name)
+        partial = path.with_suffix(f".{os.getpid()}.partial")
+        partial.write_bytes(data)
+        os.replace(partial, path)  # readers in other processes see all of it or nothing
+
+
+def executable_store(key: dict[str, Any]) -> ExecutableStore | None:
+    """The store for a table with this key, or None when the cache is off."""
+    return None if _active is None else ExecutableStore(_active / "executables", key)
+
+
+@functools.cache
+def source_digest() -> str:
+    """A hash of the code that builds executables: every module of graph/ and models/."""
+    digest = hashlib.sha256()
+    for package in ("graph", "models"):
+        root = Path(importlib.import_module(package).__file__).parent
+        for path in sorted(root.rglob("*.py")):
+            digest.update(str(path.relative_to(root.parent)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def configure(setting: str | None) -> Path | None:
@@ -87,7 +148,7 @@ def _apply(path: Path | None) -> None:
     finally:
         jax_log.setLevel(level)
     jax.config.update("jax_enable_compilation_cache", path is not None)
-    jax.config.update("jax_compilation_cache_dir", None if path is None else str(path))
+    jax.config.update("jax_compilation_cache_dir", None if path is None else str(path / "jax"))
     if path is not None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # default: only those over 1 s
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # no size threshold

@@ -159,21 +159,28 @@ class ExecutableTable:
         num_pages: int,
         serializable: bool = False,
     ) -> ExecutableTable:
-        """Compile every executable of the table (those the compilation cache has are loaded from
-        it); `serializable`: compile again, bypassing the cache, those that came from it, so that
-        `save` can write them (graph/compile_cache.py)."""
+        """Compile every executable of the table, or load it from the compilation cache: from its
+        executable store, else through jax's cache (graph/compile_cache.py). `serializable`: only
+        fresh compilations, which `save` can write (those jax's cache had are compiled again)."""
         lowering: dict[str, Any] = {}
         for key in [INIT_KV, *buckets.all_keys()]:
             for n, fn in lowerings(cfg, dtype, config, num_pages, key, config.max_seq_len).items():
                 lowering.setdefault(n, fn)
+        store = compile_cache.executable_store(_store_key(cfg, dtype, config, buckets, num_pages))
         started = time.monotonic()
         log.info("compiling %d executables (%s, %s, %d KV pages)", len(lowering), dtype, layer_loop(config), num_pages)
         executables, memory, cached = {}, {}, set()
         with _Progress(len(lowering)) as progress:
-            for n, compiled, seconds, hit in _compile_parallel(lowering, list(lowering)):
+            for n, compiled, seconds in _read_stored(store, list(lowering)) if not serializable else ():
+                executables[n], memory[n] = compiled, _memory(compiled)
+                cached.add(n)
+                progress.done(n, seconds, True)
+            for n, compiled, seconds, hit in _compile_parallel(lowering, [n for n in lowering if n not in cached]):
                 executables[n], memory[n] = compiled, _memory(compiled)
                 if hit:
                     cached.add(n)
+                elif store is not None:
+                    store.write(n, _serialize(compiled))
                 progress.done(n, seconds, hit)
         log.info(
             "%d executables ready in %.1fs: %d compiled, %d from the compilation cache",
@@ -184,6 +191,8 @@ class ExecutableTable:
             with compile_cache.bypassed(), _Progress(len(cached)) as progress:
                 for n, compiled, seconds, hit in _compile_parallel(lowering, sorted(cached)):
                     executables[n] = compiled
+                    if store is not None:
+                        store.write(n, _serialize(compiled))
                     progress.done(n, seconds, hit)
             cached.clear()
         return cls(cfg, dtype, config, buckets, num_pages, executables, memory, frozenset(cached))
@@ -220,7 +229,7 @@ class ExecutableTable:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         for n, compiled in self.executables.items():
-            (directory / f"{n}.bin").write_bytes(pickle.dumps(serialize(compiled)))
+            (directory / f"{n}.bin").write_bytes(_serialize(compiled))
         (directory / MANIFEST).write_text(json.dumps(self.manifest(fingerprint), indent=2))
         log.info("wrote %d executables and %s to %s", len(self.executables), MANIFEST, directory)
 
@@ -252,11 +261,52 @@ class ExecutableTable:
             path = directory / f"{n}.bin"
             if not path.exists():
                 raise ArtifactMismatchError(f"{path}: missing executable")
-            payload, in_tree, out_tree = pickle.loads(path.read_bytes())
-            executables[n] = deserialize_and_load(payload, in_tree, out_tree)
+            executables[n] = _deserialize(path.read_bytes())
         log.info("loaded %d executables from %s in %.1fs", len(names), directory, time.monotonic() - started)
         memory = {n: manifest["memory"].get(n, {}) for n in names}
         return cls(cfg, dtype, config, buckets, int(manifest["num_pages"]), executables, memory)
+
+
+def _serialize(compiled: Any) -> bytes:
+    return pickle.dumps(serialize(compiled))
+
+
+def _deserialize(data: bytes) -> Any:
+    payload, in_tree, out_tree = pickle.loads(data)
+    return deserialize_and_load(payload, in_tree, out_tree)
+
+
+# EngineConfig fields that size the pool (its page count is a key of its own) or the queue, or say
+# where executables come from: the store's key leaves them out, and keeps every other field.
+_NOT_IN_EXECUTABLES = ("kv_memory_gb", "kv_pages", "kv_memory_fraction", "max_queue", "aot_dir", "compile_cache")
+
+
+def _store_key(cfg: ModelConfig, dtype: str, config: EngineConfig, buckets: Buckets, num_pages: int) -> dict[str, Any]:
+    """The table's part of its executables' key in the compilation cache's store."""
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in _NOT_IN_EXECUTABLES}
+    return {"identity": identity("", dtype, config, buckets), "config": fields, "model": repr(cfg), "pages": num_pages}
+
+
+def _read_stored(store: compile_cache.ExecutableStore | None, names: list[str]) -> Iterator[tuple[str, Any, float]]:
+    """The executables of `names` that the store has, as each is loaded: (name, executable, seconds).
+    A damaged entry is passed over (and compiled)."""
+
+    def one(n: str) -> tuple[str, Any, float]:
+        t0 = time.monotonic()
+        data = store.read(n)
+        try:
+            compiled = None if data is None else _deserialize(data)
+        except Exception as e:
+            log.warning("ignoring stored executable %s: %s", n, e)
+            compiled = None
+        return n, compiled, time.monotonic() - t0
+
+    if store is None:
+        return
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for n, compiled, seconds in pool.map(one, names):
+            if compiled is not None:
+                yield n, compiled, seconds
 
 
 def identity(fingerprint: str, dtype: str, config: EngineConfig, buckets: Buckets) -> dict[str, Any]:

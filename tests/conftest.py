@@ -26,9 +26,9 @@ def session_compile_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     subprocesses get it as `--compile-cache` (tests/server_fixtures.py), so a bucket set compiled
     once in the session loads from the cache at its next start.
 
-    Tests that count compilations still see every one: jax reports its backend_compile event around
-    the cache lookup, so an executable loaded from the cache counts too (tests/test_compile_cache.py
-    checks that this holds)."""
+    Tests that count compilations while serving (tests/test_engine.py) still see every one: the
+    cache is read only while the table is built, and jax reports a hit in its cache as a backend
+    compile (tests/test_compile_cache.py checks that); the AOT tests turn the cache off."""
     path = tmp_path_factory.mktemp("xla-cache")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(compile_cache, "default_dir", lambda: path)

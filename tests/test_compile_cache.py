@@ -1,7 +1,8 @@
 """XLA's persistent compilation cache (graph/compile_cache.py): on by default in a private per-user
-directory, a second start with a warm cache compiles nothing, `--compile-cache off` reads and writes
-nothing, a directory others may write to is refused; and the `xlaserve` console script runs both
-commands. (That an artifact compiled with a warm cache runs: tests/test_aot.py.)"""
+directory, a second start with a warm cache compiles nothing (from the executable store, or from
+jax's cache when the store's key has changed), `--compile-cache off` reads and writes nothing, a
+directory others may write to is refused; and the `xlaserve` console script runs both commands.
+(That an artifact compiled with a warm cache runs: tests/test_aot.py.)"""
 
 from __future__ import annotations
 
@@ -76,23 +77,51 @@ def test_default_directory_is_per_user(monkeypatch, tmp_path):
     assert default_dir() == tmp_path / "home" / ".cache" / "xlaserve" / "xla"
 
 
-def test_second_start_with_a_warm_cache_compiles_nothing(tiny_model, tmp_path, caplog):
+@pytest.fixture
+def warm(tiny_model, tmp_path) -> tuple[EngineConfig, list[int]]:
+    """A fresh cache after one start: (the engine config, the tokens that start generated)."""
+    config = dataclasses.replace(TINY, compile_cache=str(tmp_path / "xla"))
+    cold, tokens = _start(tiny_model, config)
+    assert cold["hits"] < cold["requests"]  # it compiled
     cache = tmp_path / "xla"
-    config = dataclasses.replace(TINY, compile_cache=str(cache))
-    cold, cold_tokens = _start(tiny_model, config)
-    assert cold["hits"] < cold["requests"]
-    assert any(cache.iterdir()) and cache.stat().st_mode & 0o777 == 0o700  # private: it holds code
+    assert any((cache / "jax").iterdir()) and any((cache / "executables").iterdir())
+    assert cache.stat().st_mode & 0o777 == 0o700  # private: it holds code
+    return config, tokens
+
+
+def _ready_line(caplog) -> str:
+    lines = [r.getMessage() for r in caplog.records]
+    assert not any(COMPILED_LINE.search(line) for line in lines), lines
+    return next(line for line in lines if " executables ready in " in line)
+
+
+def test_second_start_with_a_warm_cache_compiles_nothing(tiny_model, warm, caplog):
+    config, tokens = warm
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="graph.executables"):
-        warm, warm_tokens = _start(tiny_model, config)
-    assert warm["requests"] > 0 and warm["hits"] == warm["requests"]  # every executable from the cache
-    log = [r.getMessage() for r in caplog.records]
-    assert not any(COMPILED_LINE.search(line) for line in log), log
-    assert any(re.search(r"ready in \S+: 0 compiled, [1-9]\d* from the compilation cache", line) for line in log)
-    assert warm_tokens == cold_tokens
-    # jax counts a cache hit as a backend compile too, so the tests that assert zero compilations
-    # (tests/test_aot.py, tests/test_engine.py) would see an executable loaded from the cache
-    assert warm["compiles"] == warm["hits"]
+        events, again = _start(tiny_model, config)
+    assert re.search(r"ready in \S+: 0 compiled, [1-9]\d* from the compilation cache", _ready_line(caplog))
+    assert again == tokens
+    # jax counts a hit in its cache as a backend compile too, so the tests that assert zero
+    # compilations (tests/test_aot.py, tests/test_engine.py) see an executable loaded from there
+    assert events["compiles"] == events["hits"]
+
+
+@pytest.mark.parametrize("damage", ["code change", "damaged entries"])
+def test_start_past_the_executable_store_loads_from_jax_cache(tiny_model, warm, caplog, monkeypatch, damage):
+    """The store's key misses after any change to graph/ or models/, and a damaged entry is passed
+    over; jax's cache, keyed by the program itself, then decides, and still compiles nothing."""
+    config, tokens = warm
+    if damage == "code change":
+        monkeypatch.setattr(compile_cache, "source_digest", lambda: "another version of the code")
+    else:
+        for path in (Path(config.compile_cache) / "executables").iterdir():
+            path.write_bytes(path.read_bytes()[:100])
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="graph.executables"):
+        events, again = _start(tiny_model, config)
+    assert events["requests"] > 0 and events["hits"] == events["requests"]  # all of it from jax's cache
+    assert re.search(r": 0 compiled, ", _ready_line(caplog)) and again == tokens
 
 
 def test_compile_cache_off_writes_nothing(tiny_model, tmp_path, monkeypatch, session_compile_cache):
