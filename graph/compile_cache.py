@@ -11,7 +11,8 @@ jax 0.10.2) over the StableHLO of the program (so the model's shapes and config,
 dtype, the layer loop and quantization: everything that shapes the computation), the jaxlib
 version, the backend's platform and version, the device topology (or device kinds), `XLA_FLAGS`
 (plus `--xla*` command-line arguments), and the serialized compile options (which carry the
-XLA debug options those flags set). A new jax emits its own HLO and comes with its own jaxlib
+XLA debug options those flags set, and the cache's own path: jax puts an XLA autotuning directory
+under it there, so a moved cache misses). A new jax emits its own HLO and comes with its own jaxlib
 (both are pinned together). Weights are arguments, not constants, so a model with the same shapes
 and other weights rightly shares executables. The key leaves out the host's CPU features, which
 XLA:CPU code is built for: a home directory shared by machines with different CPUs wants one
@@ -22,11 +23,12 @@ jax's cache needs the program to find its executable, and tracing and lowering t
 of a warm start (16 of 22 s for 86 executables). So each fresh compilation is also kept, serialized
 as compiled, in an `ExecutableStore` beside jax's cache, found by a key over what the table is built
 from: the engine's configuration (all of it but the fields that only size the pool or the queue),
-the pool's page count, the model config, the jax, jaxlib, numpy and ml_dtypes versions, `XLA_FLAGS`,
-backend and devices, and a hash of the source of graph/ and models/. A start reads it before
-lowering anything (86 executables: ~3 s); what it lacks goes through jax's cache, whose exact key
-decides. After a change to graph/ or models/, then, a start lowers again and stays as slow as
-jax's cache makes it (what jax's cache had is not stored again) until that directory is cleared.
+the pool's page count, the model config, the jax, jaxlib, numpy and ml_dtypes versions, jax's
+configuration, the `JAX_*`, `XLA_*` and `LIBTPU_*` environment, backend and devices, and a hash of
+the source of graph/ and models/. A start reads it before lowering anything (86 executables: ~3 s);
+what it lacks goes through jax's cache, whose exact key decides. After a change to graph/ or
+models/, then, a start lowers again and stays as slow as jax's cache makes it (what jax's cache had
+is not stored again) until the directory is cleared.
 
 jax 0.10.2 cannot serialize an executable it loaded from a cache (the XLA:CPU executable written
 again lacks its kernels: "Function ... not found" when it runs), so only fresh compilations are
@@ -77,8 +79,13 @@ class ExecutableStore:
     (see the module docstring); `key` holds the table's own part of it."""
 
     def __init__(self, root: Path, key: dict[str, Any]) -> None:
-        versions = {m: importlib.metadata.version(m) for m in ("jax", "jaxlib", "numpy", "ml_dtypes")}
-        full = {**key, "versions": versions, "xla_flags": os.environ.get("XLA_FLAGS", ""), "source": source_digest()}
+        full = {
+            **key,
+            "versions": {m: importlib.metadata.version(m) for m in ("jax", "jaxlib", "numpy", "ml_dtypes")},
+            "jax_config": {k: v for k, v in jax.config.values.items() if "cache" not in k},
+            "environment": {k: v for k, v in os.environ.items() if k.startswith(("JAX_", "XLA_", "LIBTPU_"))},
+            "source": source_digest(),
+        }
         self.root = root
         self._digest = hashlib.sha256(json.dumps(full, sort_keys=True, default=str).encode()).hexdigest()[:32]
 

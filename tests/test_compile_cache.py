@@ -9,6 +9,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -77,13 +78,13 @@ def test_default_directory_is_per_user(monkeypatch, tmp_path):
     assert default_dir() == tmp_path / "home" / ".cache" / "xlaserve" / "xla"
 
 
-@pytest.fixture
-def warm(tiny_model, tmp_path) -> tuple[EngineConfig, list[int]]:
+@pytest.fixture(scope="module")
+def warm(tiny_model, tmp_path_factory) -> tuple[EngineConfig, list[int]]:
     """A fresh cache after one start: (the engine config, the tokens that start generated)."""
-    config = dataclasses.replace(TINY, compile_cache=str(tmp_path / "xla"))
+    cache = tmp_path_factory.mktemp("cache") / "xla"
+    config = dataclasses.replace(TINY, compile_cache=str(cache))
     cold, tokens = _start(tiny_model, config)
     assert cold["hits"] < cold["requests"]  # it compiled
-    cache = tmp_path / "xla"
     assert any((cache / "jax").iterdir()) and any((cache / "executables").iterdir())
     assert cache.stat().st_mode & 0o777 == 0o700  # private: it holds code
     return config, tokens
@@ -108,20 +109,34 @@ def test_second_start_with_a_warm_cache_compiles_nothing(tiny_model, warm, caplo
 
 
 @pytest.mark.parametrize("damage", ["code change", "damaged entries"])
-def test_start_past_the_executable_store_loads_from_jax_cache(tiny_model, warm, caplog, monkeypatch, damage):
+def test_start_past_the_executable_store_loads_from_jax_cache(tiny_model, warm, caplog, monkeypatch, request, damage):
     """The store's key misses after any change to graph/ or models/, and a damaged entry is passed
     over; jax's cache, keyed by the program itself, then decides, and still compiles nothing."""
     config, tokens = warm
     if damage == "code change":
         monkeypatch.setattr(compile_cache, "source_digest", lambda: "another version of the code")
-    else:
-        for path in (Path(config.compile_cache) / "executables").iterdir():
-            path.write_bytes(path.read_bytes()[:100])
+    else:  # (jax's key holds the cache's path: the damage is done in place, and undone after)
+        entries = {path: path.read_bytes() for path in (Path(config.compile_cache) / "executables").iterdir()}
+        request.addfinalizer(lambda: [path.write_bytes(data) for path, data in entries.items()])
+        for path, data in entries.items():
+            path.write_bytes(data[:100])
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="graph.executables"):
         events, again = _start(tiny_model, config)
     assert events["requests"] > 0 and events["hits"] == events["requests"]  # all of it from jax's cache
     assert re.search(r": 0 compiled, ", _ready_line(caplog)) and again == tokens
+
+
+def test_other_xla_flags_compile_afresh(tiny_model, warm, caplog, monkeypatch):
+    """Both keys take in `XLA_FLAGS`: with another flag, nothing comes from the cache."""
+    config, tokens = warm
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_fast_min_max=false")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="graph.executables"):
+        events, again = _start(tiny_model, config)
+    assert events["requests"] > 0 and events["hits"] == 0
+    assert any(re.search(r"ready in \S+: [1-9]\d* compiled, 0 from", r.getMessage()) for r in caplog.records)
+    assert again == tokens
 
 
 def test_compile_cache_off_writes_nothing(tiny_model, tmp_path, monkeypatch, session_compile_cache):
