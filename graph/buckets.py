@@ -4,7 +4,7 @@ Every executable is compiled for one bucket: prefill chunks are `[1, tokens]` wi
 `pages` KV pages; decode steps are `[batch, 1]` with a context of `pages`; mixed steps are a decode
 batch `[batch, 1]` plus one prompt chunk `[1, mixed_tokens]`, for every batch and context bucket
 (one chunk size: the largest prefill bucket that fits in `max_num_batched_tokens` beside a full
-batch). Sizes are powers of two
+batch; by default the largest up to 64 tokens; none with `max_batch` 1). Sizes are powers of two
 between a minimum and a maximum (the maximum itself is always included, even if not a power of two).
 """
 
@@ -50,19 +50,27 @@ class Buckets:
         max_chunk = min(c.max_prefill_tokens, c.max_seq_len)
         min_pages = min(max(1, c.min_context_tokens // c.page_size), max_pages)
         prefill_tokens = powers_of_two(min(c.min_prefill_tokens, max_chunk), max_chunk)
-        budget = c.max_batch + 64 if c.max_num_batched_tokens is None else c.max_num_batched_tokens
-        fits = [t for t in prefill_tokens if t <= budget - c.max_batch]
-        if budget and not fits:
-            raise ValueError(
-                f"max_num_batched_tokens {budget} leaves no room for a prompt chunk beside a batch of "
-                f"{c.max_batch}: use at least {c.max_batch + prefill_tokens[0]}, or 0 for no mixed steps"
-            )
+        if c.max_batch == 1:  # one sequence is either prefilling or decoding: never both
+            mixed = 0
+        elif c.max_num_batched_tokens is None:  # default: the largest bucket up to 64, else the smallest
+            mixed = max([t for t in prefill_tokens if t <= 64] or prefill_tokens[:1])
+        elif c.max_num_batched_tokens == 0:
+            mixed = 0
+        else:
+            fits = [t for t in prefill_tokens if t <= c.max_num_batched_tokens - c.max_batch]
+            if not fits:
+                raise ValueError(
+                    f"max_num_batched_tokens {c.max_num_batched_tokens} leaves no room for a prompt chunk beside "
+                    f"a batch of {c.max_batch}: use at least {c.max_batch + prefill_tokens[0]}, or 0 for no "
+                    "mixed steps"
+                )
+            mixed = max(fits)
         return cls(
             prefill_tokens=prefill_tokens,
             decode_batch=powers_of_two(1, c.max_batch),
             context_pages=powers_of_two(min_pages, max_pages),
             page_size=c.page_size,
-            mixed_tokens=max(fits) if budget else 0,
+            mixed_tokens=mixed,
         )
 
     @property

@@ -106,8 +106,8 @@ def test_prefill_and_decode_keys_of_a_tiny_config():
         ("prefill", 1, 20, 8), ("prefill", 1, 20, 12),
     ]  # fmt: skip
     assert b.decode_keys() == [("decode", bs, 1, p) for bs in (1, 2, 4, 6) for p in (2, 4, 8, 12)]
-    # mixed steps: every batch and context bucket with one chunk size, the largest prefill bucket
-    # beside a full batch of 6 within the default budget of 6 + 64 tokens
+    # mixed steps: every batch and context bucket with one chunk size, by default the largest prefill
+    # bucket up to 64 tokens
     assert b.mixed_tokens == 20
     assert b.mixed_keys() == [("mixed", bs, 20, p) for bs in (1, 2, 4, 6) for p in (2, 4, 8, 12)]
     assert b.all_keys() == b.prefill_keys() + b.decode_keys() + b.mixed_keys()
@@ -119,6 +119,13 @@ def test_the_mixed_chunk_is_the_largest_prefill_bucket_beside_a_full_batch(budge
     config = dataclasses.replace(TINY, max_num_batched_tokens=budget)
     assert Buckets.from_config(config).mixed_tokens == chunk
     assert bool(Buckets.from_config(config).mixed_keys()) == bool(chunk)
+
+
+def test_default_mixed_chunks_are_64_tokens_or_the_smallest_bucket_and_none_for_one_sequence():
+    assert Buckets.from_config(EngineConfig()).mixed_tokens == 64
+    big = EngineConfig(max_batch=4, min_prefill_tokens=128, max_prefill_tokens=512)
+    assert Buckets.from_config(big).mixed_tokens == 128
+    assert Buckets.from_config(dataclasses.replace(big, max_batch=1)).mixed_keys() == []
 
 
 def test_a_budget_without_room_for_a_chunk_beside_a_full_batch_is_refused():
