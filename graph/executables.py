@@ -276,9 +276,12 @@ def _deserialize(data: bytes) -> Any:
     return deserialize_and_load(payload, in_tree, out_tree)
 
 
-# EngineConfig fields that size the pool (its page count is a key of its own) or the queue, or say
-# where executables come from: the store's key leaves them out, and keeps every other field.
-_NOT_IN_EXECUTABLES = ("kv_memory_gb", "kv_pages", "kv_memory_fraction", "max_queue", "aot_dir", "compile_cache")
+# EngineConfig fields that size the pool (its page count is a key of its own) or the queue, say
+# where executables come from, or only steer the host side: the store's key leaves them out.
+_NOT_IN_EXECUTABLES = (
+    "kv_memory_gb", "kv_pages", "kv_memory_fraction", "max_queue", "aot_dir", "compile_cache",
+    "enable_prefix_caching", "debug_step_delay",
+)  # fmt: skip
 
 
 def _store_key(cfg: ModelConfig, dtype: str, config: EngineConfig, buckets: Buckets, num_pages: int) -> dict[str, Any]:

@@ -3,7 +3,7 @@ user message (~50 words), streaming, greedy, 64 output tokens per turn. Prints t
 token of every turn; with prefix caching the history's pages are reused, so turn 10's TTFT stays
 close to turn 1's instead of growing with the history.
 
-    .venv/bin/python scripts/bench_multiturn.py --ours "" --ours "--no-enable-prefix-caching"
+    .venv/bin/python scripts/bench_multiturn.py --ours "" --ours=--no-enable-prefix-caching
 """
 
 from __future__ import annotations
