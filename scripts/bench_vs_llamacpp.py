@@ -10,8 +10,8 @@ llama.cpp serves the model's own GGUF file (SmolLM2's Q4_1, Gemma's Q4_K_M) with
 per concurrent request, each slot with room for a whole request; its prompt cache is its default
 one (`cache_prompt` on: each slot reuses the prefix its previous request shares with the next).
 `--ours` may be given several times: each flag set is a row of the table (e.g. `--ours ""
---ours=--no-enable-prefix-caching`; a single flag needs the `=` form). `--shared-prefix-words N` gives every prompt the same first N words
-(load.py), the workload prefix caching is for.
+--ours=--no-enable-prefix-caching`; a single flag needs the `=` form). `--shared-prefix-words N`
+gives every prompt the same first N words (load.py), the workload prefix caching is for.
 """
 
 from __future__ import annotations
