@@ -58,7 +58,7 @@ def _decode(seqs: list[Sequence], B: int, W: int, max_seq_len: int, suppressed: 
     tokens = np.zeros((B, 1), np.int32)
     positions = np.full((B, 1), -1, np.int32)
     for b, seq in enumerate(seqs):
-        tokens[b, 0] = seq.tokens[seq.computed]  # the one pending token
+        tokens[b, 0] = seq.output[-1] if seq.output else seq.prompt[-1]  # the one pending token (the last)
         positions[b, 0] = seq.computed
     page_table, history, prompt_len, sampling = _common(seqs, B, W, max_seq_len, suppressed)
     return StepInputs(

@@ -5,9 +5,10 @@ Threads and queues:
   request, puts it in the inbox (a lock-protected list) and returns a `RequestStream`, an async
   iterator over an `asyncio.Queue` that belongs to the caller's event loop.
 - The step thread drains the inbox and the abort list, asks the `Scheduler` for the next step
-  (a prefill chunk, a decode batch, or both in one mixed step), pads it to its bucket, runs the compiled executable with
-  the KV pool donated, and turns the sampled tokens into `RequestOutput` deltas (`graph/outputs.py`)
-  which it hands to each request's queue with `loop.call_soon_threadsafe`.
+  (a prefill chunk, a decode batch, or both in one mixed step), pads it to its bucket, runs the
+  compiled executable with the KV pool donated, and turns the sampled tokens into `RequestOutput`
+  deltas (`graph/outputs.py`) which it hands to each request's queue with
+  `loop.call_soon_threadsafe`.
 - Closing a stream early (client gone) aborts its request: the step thread removes it and frees
   its pages before its next step.
 """
@@ -197,9 +198,8 @@ class Engine:
         """Forget every cached prefix (benchmarks, tests); requests running keep their pages."""
         with self._lock:
             self._reset_cache = True
-            self._lock.notify()
-        while self._reset_cache and self._thread.is_alive():
-            time.sleep(0.005)
+            self._lock.notify_all()
+            self._lock.wait_for(lambda: not self._reset_cache or not self._thread.is_alive(), timeout=60)
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop taking requests, let the running ones finish for up to `timeout` seconds, end
@@ -230,6 +230,7 @@ class Engine:
                 if self._reset_cache:
                     self.allocator.reset_cache()
                     self._reset_cache = False
+                    self._lock.notify_all()
                 inbox, self._inbox = self._inbox, []
                 aborts, self._aborts = self._aborts, []
             for seq, _ in inbox:

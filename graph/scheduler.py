@@ -136,7 +136,7 @@ class Scheduler:
         pages, taking their cached prefix pages first."""
         while self.waiting and len(self.running) < self.max_batch:
             seq = self.waiting[0]
-            if not seq.pages and seq.params.prompt_logprobs is None:
+            if self.allocator.caching and not seq.pages and seq.params.prompt_logprobs is None:
                 seq.pages = self.allocator.lookup(self._hashes(seq, (seq.length - 1) // self.page_size))
                 seq.computed = len(seq.pages) * self.page_size
             need = self.pages_for(seq.length) - len(seq.pages)

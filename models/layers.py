@@ -185,9 +185,8 @@ def attention(
     # every segment's keys are written before any is read: one scatter per cache, in place (a
     # write after another segment's read would make XLA copy the whole pool)
     slots = [kv_slots(seg.page_table, seg.positions, kv.page_size) for seg in segs]
-    slots = tuple(jnp.concatenate(x) if len(segs) > 1 else x[0] for x in zip(*slots, strict=True))
-    cat = (lambda xs: jnp.concatenate(xs)) if len(segs) > 1 else (lambda xs: xs[0])
-    kv = KVCache(write_kv(kv.k, layer, cat(ks), slots), write_kv(kv.v, layer, cat(vs), slots))
+    slots = tuple(jnp.concatenate(x) for x in zip(*slots, strict=True))
+    kv = KVCache(write_kv(kv.k, layer, jnp.concatenate(ks), slots), write_kv(kv.v, layer, jnp.concatenate(vs), slots))
     outs = []
     for q, seg in zip(qs, segs, strict=True):
         B, T = seg.positions.shape
