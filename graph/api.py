@@ -16,7 +16,12 @@ class EngineError(Exception):
 
 
 class QueueFullError(EngineError):
-    """The waiting queue is at its bound; the client should retry later (HTTP 429)."""
+    """The queue is at its bound: of waiting requests, or of the expected wait for a first step.
+    The client should retry in `retry_after` seconds (HTTP 429 with Retry-After)."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class RequestTooLargeError(EngineError):
@@ -25,6 +30,11 @@ class RequestTooLargeError(EngineError):
 
 class EngineStoppedError(EngineError):
     """The engine is shutting down and takes no new requests (HTTP 503)."""
+
+
+class EngineBrokenError(EngineStoppedError):
+    """The engine cannot run steps any more, e.g. its KV pool could not be rebuilt after a failed
+    step (HTTP 503)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,12 +53,16 @@ class EngineConfig:
     kv_pages: int | None = None  # fixed number of KV pages (overrides the memory budget)
     kv_memory_fraction: float = 0.8  # of what device memory the executables leave free (GPU/TPU)
     max_queue: int = 256  # waiting requests beyond this get QueueFullError
+    # 60 s: a reverse proxy's default read timeout (nginx, AWS ALB) would cut a request that waits
+    # longer anyway, and a minute without a first token is already a failure to a person waiting.
+    max_queue_wait: float = 60.0  # seconds: a request expected to wait longer for its first step gets 429 (0: off)
     dtype: str = "float32"  # float32 | bfloat16
     quantize: str = "none"  # none | int8: int8 weights (int8 x int8 dots on CPU, weight-only on GPU/TPU)
     layer_loop: str = "auto"  # auto (layered on CPU, else scan) | scan | unroll | layered: one executable per layer
     aot_dir: str | None = None  # load executables from here instead of compiling
     compile_cache: str | None = None  # XLA compilation cache directory, or off (none: ~/.cache/xlaserve/xla)
     debug_step_delay: float = 0.0  # testing: seconds to sleep before each step (simulates a slow device)
+    debug_fail_step: int = 0  # testing: step number N raises after its call, as a device error would (0: never)
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16"):
@@ -62,6 +76,9 @@ class EngineConfig:
         for name in ("max_batch", "max_seq_len", "page_size", "max_prefill_tokens", "min_prefill_tokens", "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        for name in ("max_queue_wait", "debug_step_delay", "debug_fail_step"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,3 +125,4 @@ class RequestOutput:
     completion_tokens: int = 0  # total so far
     prompt_logprobs: list[TokenLogprob | None] | None = None  # first delta only (first token: None)
     error: str | None = None
+    queue_wait: float | None = None  # first delta only: seconds from submit to the first step that fed it

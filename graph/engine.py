@@ -10,7 +10,19 @@ Threads and queues:
   deltas (`graph/outputs.py`) which it hands to each request's queue with
   `loop.call_soon_threadsafe`.
 - Closing a stream early (client gone) aborts its request: the step thread removes it and frees
-  its pages before its next step.
+  its pages before it schedules its next step, so a request aborted while it waits never runs.
+
+Overload: `submit` refuses (QueueFullError, with a Retry-After estimate) a request beyond
+`max_queue` waiting ones, or one whose expected wait for its first step exceeds `max_queue_wait`
+seconds (the estimate, from measured step times and the queue, is in `graph/shedding.py`).
+
+A failed step: a step that raises (a bug, a device error, out of memory) ends the requests in it
+with finish_reason "error". The KV pool was donated to the failed call, so it is rebuilt; every
+cached prefix goes with the old pool, and the other running requests are preempted: they queue
+again at the front, and once readmitted prefill their prompt and the tokens they already streamed,
+then continue (nothing streamed is repeated or changed). A failure before the step was decided
+ends every request the scheduler holds. If the pool cannot be rebuilt, every request ends with
+"error" and the engine is broken: `broken` says why and `submit` raises EngineBrokenError.
 """
 
 from __future__ import annotations
@@ -30,6 +42,7 @@ import jax
 
 from graph import compile_cache
 from graph.api import (
+    EngineBrokenError,
     EngineConfig,
     EngineStoppedError,
     QueueFullError,
@@ -44,6 +57,7 @@ from graph.kv_cache import PageAllocator, kv_bytes_per_page, plan_num_pages
 from graph.layout import device_weights
 from graph.outputs import OutputProcessor
 from graph.scheduler import Decode, Mixed, Prefill, Scheduler, Sequence
+from graph.shedding import Queue, WaitEstimator
 from models.loader import LoadedModel
 
 log = logging.getLogger("graph.engine")
@@ -113,6 +127,11 @@ class Engine:
         self._accepting = True
         self._stop = False
         self._reset_cache = False
+        self._broken: str | None = None
+        self._queued_at: dict[str, float] = {}  # submit time, until the request's first step
+        self._queue_waits: dict[str, float] = {}  # until its first delta carries it
+        self._queue = Queue()  # what a new request finds ahead of it: the step thread's last view
+        self.estimator = WaitEstimator(config.max_batch, self.buckets.prefill_tokens[-1], self.buckets.mixed_tokens)
         self.steps = 0
         self.step_kinds: collections.Counter[str] = collections.Counter()  # prefill | decode | mixed
         self._thread = threading.Thread(target=self._loop, name="engine-step", daemon=True)
@@ -155,14 +174,36 @@ class Engine:
         with self._lock:
             if not self._accepting:
                 raise EngineStoppedError("the server is shutting down")
-            if len(self._inbox) + len(self.scheduler.waiting) >= self.config.max_queue:
-                raise QueueFullError(f"too many queued requests ({self.config.max_queue}); retry later")
+            if (reason := self.broken) is not None:
+                raise EngineBrokenError(reason)
+            self._check_queue()
             if request_id in self._streams:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._streams[request_id] = stream
+            self._queued_at[request_id] = time.monotonic()
             self._inbox.append((seq, stream))
             self._lock.notify()
         return stream
+
+    def _check_queue(self) -> None:
+        """Raise QueueFullError if the queue is at its bound, or if a new request's expected wait
+        for its first step is over `max_queue_wait` (with the lock held)."""
+        q = self._queue
+        ahead = dataclasses.replace(
+            q,
+            prefill_tokens=q.prefill_tokens + sum(s.length for s, _ in self._inbox),
+            waiting=q.waiting + len(self._inbox),
+        )
+        wait = self.estimator.wait(ahead)
+        if ahead.waiting >= self.config.max_queue:
+            retry = wait / ahead.waiting  # about when one place in the queue frees
+            raise QueueFullError(f"too many queued requests ({self.config.max_queue})", max(1.0, retry))
+        limit = self.config.max_queue_wait
+        if limit and wait > limit:
+            raise QueueFullError(
+                f"the expected wait for this request is {wait:.0f} s, over this server's limit of {limit:g} s",
+                max(1.0, wait - limit),  # by then the queue ahead has shrunk to fit, if nothing else arrives
+            )
 
     def _validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
         if not prompt_ids:
@@ -176,6 +217,13 @@ class Engine:
                 f"this model's maximum context length is {self.max_seq_len} tokens; the request has "
                 f"{len(prompt_ids)} prompt tokens plus max_tokens {params.max_tokens} = {total}"
             )
+
+    @property
+    def broken(self) -> str | None:
+        """Why the engine cannot serve any more; None while it can (also once it was shut down)."""
+        if self._broken is None and not self._thread.is_alive() and not self._stop:
+            return "the engine's step thread stopped"
+        return self._broken
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -220,43 +268,54 @@ class Engine:
 
     def _loop(self) -> None:
         while True:
-            with self._lock:
-                while not (
-                    self._stop or self._inbox or self._aborts or self._reset_cache or self.scheduler.num_unfinished
-                ):
-                    self._lock.wait()
-                if self._stop:
-                    break
-                if self._reset_cache:
-                    self.allocator.reset_cache()
-                    self._reset_cache = False
-                    self._lock.notify_all()
-                inbox, self._inbox = self._inbox, []
-                aborts, self._aborts = self._aborts, []
-            for seq, _ in inbox:
-                self._seqs[seq.request_id] = seq
-                self.scheduler.add(seq)
-            for request_id in aborts:
-                self._finish(request_id, "abort", emit=False)
+            decision = None
             try:
-                self._step()
-            except Exception as e:  # an engine bug must not leave requests hanging
-                log.exception("engine step failed")
-                for request_id in list(self._seqs):
-                    self._finish(request_id, "error", error=f"internal error: {e}")
-        for request_id in list(self._seqs):
-            self._finish(request_id, "abort", error="the server shut down before the request finished")
+                with self._lock:
+                    while not (
+                        self._stop or self._inbox or self._aborts or self._reset_cache or self.scheduler.num_unfinished
+                    ):
+                        self._lock.wait()
+                    if self._stop:
+                        break
+                    self._intake()
+                    decision = self.scheduler.schedule()  # with the lock: no abort slips in before it
+                    self._queue = self._ahead()
+                if decision is not None:
+                    self._step(decision)
+            except Exception as e:
+                if not self._recover(decision, e):
+                    break
+            self._queue = self._ahead()
+        self._end_all()
 
-    def _step(self) -> None:
-        decision = self.scheduler.schedule()
-        if decision is None:
-            return
+    def _intake(self) -> None:
+        """Take over new requests, aborts and a prefix-cache reset from the callers (lock held)."""
+        if self._reset_cache:
+            self.allocator.reset_cache()
+            self._reset_cache = False
+            self._lock.notify_all()
+        for seq, _ in self._inbox:
+            self._seqs[seq.request_id] = seq
+            self.scheduler.add(seq)
+        self._inbox = []
+        for request_id in self._aborts:
+            self._finish(request_id, "abort", emit=False)
+        self._aborts = []
+
+    def _step(self, decision: Prefill | Decode | Mixed) -> None:
+        started = time.monotonic()
         self.steps += 1
+        for seq in _sequences(decision):
+            if (queued_at := self._queued_at.pop(seq.request_id, None)) is not None:
+                self._queue_waits[seq.request_id] = started - queued_at
         if self.config.debug_step_delay:
             time.sleep(self.config.debug_step_delay)
         key, inputs = build_step(decision, self.buckets, self.max_seq_len, self.outputs.suppressed)
         self.step_kinds[key[0]] += 1
-        self.kv, outs = self.table.get(key)(self.params, self.kv, inputs)
+        kv, outs = self.table.get(key)(self.params, self.kv, inputs)
+        if self.steps == self.config.debug_fail_step:  # after the pool was donated, as a device error
+            raise RuntimeError(f"step {self.steps} failed on purpose (debug_fail_step)")
+        self.kv = kv
         outs = jax.device_get(outs)
         if isinstance(decision, Mixed):
             self._after_decode(decision.decode, outs[0])
@@ -265,6 +324,48 @@ class Engine:
             self._after_prefill(decision, outs[0])
         else:
             self._after_decode(decision, outs[0])
+        self.estimator.step(key[0], time.monotonic() - started)
+
+    def _recover(self, decision: Prefill | Decode | Mixed | None, error: Exception) -> bool:
+        """After a failed step: end its requests with an error, requeue the running ones, drop
+        the prefix cache and rebuild the pool. -> False if that failed too (the engine is broken)."""
+        failed = _sequences(decision) if decision is not None else list(self._seqs.values())
+        log.error("step %d failed; the %d requests in it end with an error", self.steps, len(failed), exc_info=error)
+        try:
+            for seq in failed:
+                self._finish(seq.request_id, "error", error=f"internal error: {type(error).__name__}: {error}")
+            log.warning("%d running requests start over on a new KV pool", len(self.scheduler.running))
+            self.scheduler.preempt_all()
+            self.allocator.reset_cache()
+            self.kv = None  # the old pool's memory goes back before the new one is made
+            self.kv = self.table.init_kv()
+        except Exception as e:
+            log.exception("the engine could not recover from a failed step")
+            self._broken = f"the engine could not recover from a failed step ({type(e).__name__}: {e})"
+            return False
+        return True
+
+    def _ahead(self) -> Queue:
+        """What a request submitted now finds ahead of it, besides the inbox."""
+        running, waiting = self.scheduler.running, self.scheduler.waiting
+        return Queue(
+            prefill_tokens=sum(s.pending for s in running if s.pending > 1) + sum(s.length for s in waiting),
+            running=len(running),
+            waiting=len(waiting),
+            decoding=any(s.pending == 1 for s in running),
+        )
+
+    def _end_all(self) -> None:
+        """The step thread's last act: end every request still here (shutdown, or broken)."""
+        with self._lock:
+            inbox, self._inbox = self._inbox, []
+        for seq, _ in inbox:
+            self._seqs[seq.request_id] = seq
+        reason, error = ("abort", "the server shut down before the request finished")
+        if self._broken is not None:
+            reason, error = "error", self._broken
+        for request_id in list(self._seqs):
+            self._finish(request_id, reason, error=error)
 
     def _after_prefill(self, step: Prefill, out) -> None:
         seq = step.seq
@@ -281,7 +382,9 @@ class Engine:
 
     def _emit(self, seq: Sequence, delta: RequestOutput) -> None:
         stream = self._streams.get(seq.request_id)
+        delta.queue_wait = self._queue_waits.pop(seq.request_id, None)
         if delta.finish_reason is not None:
+            self.estimator.finished(len(seq.output))
             self.scheduler.remove(seq)
             self._seqs.pop(seq.request_id, None)
             self._streams.pop(seq.request_id, None)
@@ -291,7 +394,22 @@ class Engine:
     def _finish(self, request_id: str, reason: str, *, emit: bool = True, error: str | None = None) -> None:
         seq = self._seqs.pop(request_id, None)
         stream = self._streams.pop(request_id, None)
+        self._queued_at.pop(request_id, None)
+        queue_wait = self._queue_waits.pop(request_id, None)
         if seq is not None:
             self.scheduler.remove(seq)
         if emit and stream is not None and seq is not None:
-            stream.push(self.outputs.final(seq, reason, error))
+            out = self.outputs.final(seq, reason, error)
+            out.queue_wait = queue_wait
+            stream.push(out)
+
+
+def _sequences(decision: object) -> list[Sequence]:
+    """Every sequence a step decision names (decode rows, prompt chunks), whatever its shape."""
+    if isinstance(decision, Sequence):
+        return [decision]
+    if isinstance(decision, list | tuple):
+        return [s for d in decision for s in _sequences(d)]
+    if dataclasses.is_dataclass(decision):
+        return [s for f in dataclasses.fields(decision) for s in _sequences(getattr(decision, f.name))]
+    return []

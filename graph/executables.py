@@ -279,8 +279,8 @@ def _deserialize(data: bytes) -> Any:
 # EngineConfig fields that size the pool (its page count is a key of its own) or the queue, say
 # where executables come from, or only steer the host side: the store's key leaves them out.
 _NOT_IN_EXECUTABLES = (
-    "kv_memory_gb", "kv_pages", "kv_memory_fraction", "max_queue", "aot_dir", "compile_cache",
-    "enable_prefix_caching", "debug_step_delay",
+    "kv_memory_gb", "kv_pages", "kv_memory_fraction", "max_queue", "max_queue_wait", "aot_dir", "compile_cache",
+    "enable_prefix_caching", "debug_step_delay", "debug_fail_step",
 )  # fmt: skip
 
 

@@ -156,14 +156,22 @@ class Scheduler:
         references go; the pages it filled stay in the prefix cache for its return."""
         if len(self.running) <= 1:
             return False
-        victim = max(self.running, key=lambda s: s.arrival)
+        self._preempt(max(self.running, key=lambda s: s.arrival))
+        return True
+
+    def preempt_all(self) -> None:
+        """Preempt every running sequence, youngest first, so they queue again in arrival order
+        (the engine's recovery from a failed step: the pool's contents are gone)."""
+        for seq in sorted(self.running, key=lambda s: s.arrival, reverse=True):
+            self._preempt(seq)
+
+    def _preempt(self, victim: Sequence) -> None:
         self.running.remove(victim)
         self._free(victim)
         victim.computed = 0
         victim.preemptions += 1
         self.preemptions += 1
         self.waiting.appendleft(victim)
-        return True
 
     def _grow(self, seqs: list[Sequence]) -> list[Sequence]:
         """Give every decoding sequence a page for its next token, preempting the youngest when

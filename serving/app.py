@@ -110,6 +110,7 @@ async def get_model(request: Request) -> Response:
 
 
 async def health(request: Request) -> Response:
+    """200 while requests are taken; 503 while loading, shutting down, or with a broken engine."""
     state: ServerState = request.app.state.server
     state.ready_engine()
     return JSONResponse({"status": "ok"})

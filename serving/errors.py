@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
 from pydantic import ValidationError
 from starlette.responses import JSONResponse
 
-from graph.api import EngineStoppedError, QueueFullError, RequestTooLargeError
+from graph.api import EngineBrokenError, EngineStoppedError, QueueFullError, RequestTooLargeError
 from serving.protocol import ErrorInfo, ErrorResponse, ParamError
 
 _TYPES = {
@@ -54,6 +55,10 @@ class APIError(Exception):
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
+
+
+def engine_unavailable(reason: str) -> APIError:
+    return APIError(503, f"The engine cannot serve requests: {reason}.", code="engine_unavailable")
 
 
 # ---- pydantic validation errors -> one clear message ---------------------------------------------
@@ -124,11 +129,14 @@ def from_param_error(error: ParamError) -> APIError:
 def from_engine_error(error: Exception, param: str | None = None) -> APIError:
     """Errors of `Engine.submit` -> their HTTP answer."""
     if isinstance(error, QueueFullError):
+        retry = str(max(1, math.ceil(error.retry_after)))
         return APIError(
-            429, f"The server is busy: {error}. Retry later.", code="queue_full", headers={"Retry-After": "1"}
+            429, f"The server is busy: {error}. Retry later.", code="queue_full", headers={"Retry-After": retry}
         )
     if isinstance(error, RequestTooLargeError):
         return bad_request(str(error), param, "context_length_exceeded")
+    if isinstance(error, EngineBrokenError):
+        return engine_unavailable(str(error))
     if isinstance(error, EngineStoppedError):
         return APIError(503, "The server is shutting down and takes no new requests.", code="shutting_down")
     if isinstance(error, ValueError):

@@ -20,7 +20,7 @@ import anyio
 from pydantic import BaseModel
 from starlette.requests import Request
 
-from graph.api import EngineError, RequestOutput, SamplingParams, TokenLogprob
+from graph.api import EngineError, QueueFullError, RequestOutput, SamplingParams, TokenLogprob
 from serving.errors import APIError, bad_request, from_engine_error
 from serving.metrics import Metrics
 from serving.protocol import ChatCompletionRequest, CompletionRequest, PromptTokensDetails, UsageInfo
@@ -178,6 +178,7 @@ class Generation:
         self.completion_tokens: list[int] = []
         self.cached_tokens: list[int] = []  # per choice
         self._choices_per_prompt = 1
+        self._ended_early = False  # counted as failed or aborted (once per HTTP request)
 
     def submit(self, prompts: Sequence[list[int]], params: Sequence[SamplingParams], param: str) -> None:
         """Submit `len(params)` choices per prompt (choice index: prompt index * n + sample index);
@@ -190,6 +191,8 @@ class Generation:
         except (EngineError, ValueError) as e:
             for stream in self._streams:
                 self._engine.abort(stream.request_id)
+            if isinstance(e, QueueFullError):
+                self._metrics.shed.inc()
             raise from_engine_error(e, param) from e
         self._last_token_at = [None] * len(self._streams)
         self.completion_tokens = [0] * len(self._streams)
@@ -214,6 +217,8 @@ class Generation:
 
     def _record(self, index: int, out: RequestOutput) -> None:
         now = time.monotonic()
+        if out.queue_wait is not None:
+            self._metrics.queue_wait.observe(out.queue_wait)
         if out.prompt_tokens and index not in self._prompt_counted:
             self._prompt_counted.add(index)
             self.cached_tokens[index] = out.cached_tokens
@@ -231,6 +236,13 @@ class Generation:
         self.completion_tokens[index] = out.completion_tokens
         if out.finish_reason is not None:
             self._finished.add(index)
+        if out.finish_reason in ("error", "abort"):
+            self._end_early(self._metrics.failed if out.finish_reason == "error" else self._metrics.aborted)
+
+    def _end_early(self, counter: Any) -> None:
+        if not self._ended_early:
+            self._ended_early = True
+            counter.inc()
 
     async def deltas(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """All choices' deltas as they come, each with its choice index."""
@@ -272,6 +284,8 @@ class Generation:
 
     async def close(self) -> None:
         """Abort every choice that has not finished (a no-op when all have)."""
+        if len(self._finished) < len(self._streams):
+            self._end_early(self._metrics.aborted)
         with anyio.CancelScope(shield=True):
             for index, stream in enumerate(self._streams):
                 if index not in self._finished:

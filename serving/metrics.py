@@ -1,6 +1,7 @@
 """Prometheus metrics of one app, in its own registry (several apps in one process never mix).
 
-Request counts and latencies are recorded as requests pass; the engine's queue, batch and KV page
+Request counts and latencies are recorded as requests pass (an HTTP request that ends without its
+answer counts once: shed with 429, aborted, or failed); the engine's queue, batch and KV page
 figures are read from `Engine.stats()` at scrape time.
 """
 
@@ -14,6 +15,7 @@ from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
 _ENGINE_GAUGES = {
     "waiting": ("xlaserve_queue_waiting_requests", "Requests waiting for admission"),
@@ -63,6 +65,21 @@ class Metrics:
         )
         self.prompt_tokens = Counter("xlaserve_prompt_tokens", "Prompt tokens of finished requests", registry=reg)
         self.generation_tokens = Counter("xlaserve_generation_tokens", "Generated tokens", registry=reg)
+        self.queue_wait = Histogram(
+            "xlaserve_queue_wait_seconds",
+            "Engine request submitted to its first step",
+            buckets=_QUEUE_BUCKETS,
+            registry=reg,
+        )
+        self.shed = Counter(
+            "xlaserve_requests_shed", "Requests refused with 429: queue full, or expected wait too long", registry=reg
+        )
+        self.aborted = Counter(
+            "xlaserve_requests_aborted",
+            "Requests ended early: the client went away, or the server shut down",
+            registry=reg,
+        )
+        self.failed = Counter("xlaserve_requests_failed", "Requests ended by a failed engine step", registry=reg)
         reg.register(_EngineCollector(stats))
 
     def render(self) -> tuple[bytes, str]:

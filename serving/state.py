@@ -7,7 +7,7 @@ import time
 from typing import TYPE_CHECKING
 
 from serving.config import ServerConfig
-from serving.errors import APIError
+from serving.errors import APIError, engine_unavailable
 from serving.logprobs import TokenTexts
 from serving.metrics import Metrics
 
@@ -40,11 +40,13 @@ class ServerState:
         return None if self.engine is None else self.engine.stats()
 
     def ready_engine(self) -> Engine:
-        """The engine, or 503 while loading or shutting down."""
+        """The engine, or 503 while loading, shutting down, or when the engine is broken."""
         if self.stopping:
             raise APIError(503, "The server is shutting down and takes no new requests.", code="shutting_down")
         if self.engine is None:
             raise APIError(503, "The model is still loading; retry shortly.", code="model_loading", headers=_RETRY)
+        if (reason := self.engine.broken) is not None:
+            raise engine_unavailable(reason)
         return self.engine
 
     def check_model(self, model: str) -> None:

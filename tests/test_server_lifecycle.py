@@ -134,7 +134,7 @@ def test_a_full_queue_answers_429_and_recovers(guarded):
             response = httpx.post(url + "/v1/completions", json={**LONG, "max_tokens": 1}, headers=AUTH)
             assert response.status_code == 429, response.text
             assert response.json()["error"]["type"] == "rate_limit_error"
-            assert response.headers["retry-after"] == "1"
+            assert int(response.headers["retry-after"]) >= 1
         finally:
             release.set()
         assert [h.result() for h in held] == [200] * 12
