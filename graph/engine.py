@@ -330,11 +330,18 @@ class Engine:
         """After a failed step: end its requests with an error, requeue the running ones, drop
         the prefix cache and rebuild the pool. -> False if that failed too (the engine is broken)."""
         failed = _sequences(decision) if decision is not None else list(self._seqs.values())
-        log.error("step %d failed; the %d requests in it end with an error", self.steps, len(failed), exc_info=error)
+        others = [s for s in self.scheduler.running if s not in failed]
+        what = f"step {self.steps}" if decision is not None else "scheduling a step"
+        log.error(
+            "%s failed: %d requests end with an error, %d running ones start over on a new KV pool",
+            what,
+            len(failed),
+            len(others),
+            exc_info=error,
+        )
         try:
             for seq in failed:
                 self._finish(seq.request_id, "error", error=f"internal error: {type(error).__name__}: {error}")
-            log.warning("%d running requests start over on a new KV pool", len(self.scheduler.running))
             self.scheduler.preempt_all()
             self.allocator.reset_cache()
             self.kv = None  # the old pool's memory goes back before the new one is made
