@@ -282,10 +282,10 @@ class Engine:
                     self._queue = self._ahead()
                 if decision is not None:
                     self._step(decision)
+                self._queue = self._ahead()
             except Exception as e:
                 if not self._recover(decision, e):
                     break
-            self._queue = self._ahead()
         self._end_all()
 
     def _intake(self) -> None:

@@ -2,6 +2,9 @@
 
 llm = LLM("smollm2-135m-instruct", EngineConfig(max_batch=8, max_seq_len=512))
 [c.text for c in llm.generate(["Hello"], SamplingParams(max_tokens=32, temperature=0))]
+
+A batch is queued at once and nobody would retry a refusal, so the engine of the offline API does
+not shed requests by expected wait (`max_queue_wait` is the server's bound).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ class Completion:
 
 class LLM:
     def __init__(self, model: str | LoadedModel | None = None, config: EngineConfig | None = None):
-        config = config or EngineConfig()
+        config = dataclasses.replace(config or EngineConfig(), max_queue_wait=0)
         self.model = model if isinstance(model, LoadedModel) else load_model(model, config.dtype)
         self.engine = Engine.create(self.model, config)
 

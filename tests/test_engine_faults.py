@@ -41,11 +41,11 @@ def clean(tiny_model) -> list[list[int]]:
 
 @contextlib.contextmanager
 def engine_with(tiny_model, **changes) -> Iterator[Engine]:
-    llm = LLM(tiny_model, dataclasses.replace(CONFIG, **changes))
+    engine = Engine.create(tiny_model, dataclasses.replace(CONFIG, **changes))
     try:
-        yield llm.engine
+        yield engine
     finally:
-        llm.shutdown()
+        engine.shutdown(timeout=0)
 
 
 async def run(engine: Engine, prompts: list[list[int]], params: SamplingParams) -> list[list[RequestOutput]]:
