@@ -23,7 +23,7 @@ serve: $(STAMP)
 	$(BIN)/python -m serving.main $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests $(ARGS)
+	$(BIN)/python -m pytest -q -rs --durations=30 tests $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -1,5 +1,6 @@
 """Host-side assembly of a step's inputs: a scheduler decision padded to its bucket as numpy
-arrays (one transfer per step). Padding rows have position -1 and write only to scratch page 0.
+arrays (one transfer per step). Padding tokens have position -1 and write only to scratch page 0;
+padding rows sample nothing anyone reads.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from graph.buckets import Buckets, pick
 from graph.executables import Key
 from graph.sampling import host_arrays
 from graph.scheduler import Decode, Mixed, Prefill, Sequence
-from graph.step import StepInputs
+from graph.step import PACKED_ROWS, StepInputs
 
 Suppressed = Callable[[Sequence], tuple[int, ...]]
 
@@ -22,47 +23,65 @@ def _uses_penalties(seq: Sequence) -> bool:
     return p.presence_penalty != 0 or p.frequency_penalty != 0 or p.repetition_penalty != 1
 
 
-def _common(seqs: list[Sequence], B: int, W: int, H: int, suppressed: Suppressed):
-    page_table = np.zeros((B, W), np.int32)
-    history = np.full((B, H), -1, np.int32)
-    prompt_len = np.zeros(B, np.int32)
-    for b, seq in enumerate(seqs):
-        pages = seq.pages[:W]
-        page_table[b, : len(pages)] = pages
-        prompt_len[b] = len(seq.prompt)
+def _rows(seqs: list[Sequence], R: int, H: int, suppressed: Suppressed):
+    """The sampled rows' arrays: penalty history, prompt lengths and sampling parameters."""
+    history = np.full((R, H), -1, np.int32)
+    prompt_len = np.zeros(R, np.int32)
+    for r, seq in enumerate(seqs):
+        prompt_len[r] = len(seq.prompt)
         if _uses_penalties(seq):
             tokens = seq.tokens
-            history[b, : len(tokens)] = tokens
-    rows = [(s.params, s.seed, suppressed(s)) for s in seqs] + [None] * (B - len(seqs))
-    return page_table, history, prompt_len, host_arrays(rows, B)
+            history[r, : len(tokens)] = tokens
+    rows = [(s.params, s.seed, suppressed(s)) for s in seqs] + [None] * (R - len(seqs))
+    return history, prompt_len, host_arrays(rows, R)
 
 
-def _prefill(step: Prefill, T: int, W: int, max_seq_len: int, suppressed: Suppressed) -> StepInputs:
-    seq, start, n = step.seq, step.start, step.length
+def row_pages(step: Prefill, page_size: int) -> int:
+    """Page-table entries of a chunk's row: each prompt's pages up to the end of its chunk."""
+    return sum(-(-(c.start + c.length) // page_size) for c in step.chunks)
+
+
+def _prefill(step: Prefill, T: int, W: int, S: int, max_seq_len: int, suppressed: Suppressed) -> StepInputs:
+    """The chunks one after another in one row; each prompt's pages start at a page boundary of
+    the row (`base`, in tokens), and its chunk's last token gives its sampled row."""
     tokens = np.zeros((1, T), np.int32)
     positions = np.full((1, T), -1, np.int32)
-    tokens[0, :n] = seq.tokens[start : start + n]
-    positions[0, :n] = np.arange(start, start + n)
-    page_table, history, prompt_len, sampling = _common([seq], 1, W, max_seq_len, suppressed)
+    base = np.zeros((1, T), np.int32)
+    page_table = np.zeros((1, W), np.int32)
     next_tokens = np.full((1, T), -1, np.int32)
-    following = seq.prompt[start + 1 : start + n + 1]
-    next_tokens[0, : len(following)] = following
-    want = seq.params.prompt_logprobs is not None and len(following) > 0 and seq.preemptions == 0
+    last_index = np.zeros(PACKED_ROWS, np.int32)
+    at = page = 0  # the row's next token and next page
+    want = False
+    for r, c in enumerate(step.chunks):
+        seq, start, n = c.seq, c.start, c.length
+        pages = seq.pages[: -(-(start + n) // S)]
+        page_table[0, page : page + len(pages)] = pages
+        tokens[0, at : at + n] = seq.tokens[start : start + n]
+        positions[0, at : at + n] = np.arange(start, start + n)
+        base[0, at : at + n] = page * S
+        last_index[r] = at + n - 1
+        following = seq.prompt[start + 1 : start + n + 1]
+        next_tokens[0, at : at + len(following)] = following
+        want |= seq.params.prompt_logprobs is not None and len(following) > 0 and seq.preemptions == 0
+        at, page = at + n, page + len(pages)
+    history, prompt_len, sampling = _rows([c.seq for c in step.chunks], PACKED_ROWS, max_seq_len, suppressed)
     return StepInputs(
-        tokens, positions, page_table, np.array([n - 1], np.int32), sampling, history, prompt_len,
-        next_tokens, np.bool_(want),
-    )  # fmt: skip
+        tokens, positions, base, page_table, last_index, sampling, history, prompt_len, next_tokens, np.bool_(want)
+    )
 
 
 def _decode(seqs: list[Sequence], B: int, W: int, max_seq_len: int, suppressed: Suppressed) -> StepInputs:
     tokens = np.zeros((B, 1), np.int32)
     positions = np.full((B, 1), -1, np.int32)
+    page_table = np.zeros((B, W), np.int32)
     for b, seq in enumerate(seqs):
         tokens[b, 0] = seq.output[-1] if seq.output else seq.prompt[-1]  # the one pending token (the last)
         positions[b, 0] = seq.computed
-    page_table, history, prompt_len, sampling = _common(seqs, B, W, max_seq_len, suppressed)
+        pages = seq.pages[:W]
+        page_table[b, : len(pages)] = pages
+    history, prompt_len, sampling = _rows(seqs, B, max_seq_len, suppressed)
     return StepInputs(
-        tokens, positions, page_table, np.zeros(B, np.int32), sampling, history, prompt_len,
+        tokens, positions, None, page_table, np.arange(B, dtype=np.int32), sampling, history, prompt_len,
         np.full((B, 1), -1, np.int32), np.bool_(False),
     )  # fmt: skip
 
@@ -71,10 +90,11 @@ def build_step(
     step: Prefill | Decode | Mixed, buckets: Buckets, max_seq_len: int, suppressed: Suppressed
 ) -> tuple[Key, tuple[StepInputs, ...]]:
     """A decision -> its bucket and the inputs of each of its segments (graph/programs.py)."""
+    S = buckets.page_size
     if isinstance(step, Prefill):
-        T = pick(buckets.prefill_tokens, step.length)
-        W = buckets.context_for(step.start + step.length)
-        return ("prefill", 1, T, W), (_prefill(step, T, W, max_seq_len, suppressed),)
+        T = pick(buckets.prefill_tokens, step.tokens)
+        W = pick(buckets.context_pages, row_pages(step, S))
+        return ("prefill", 1, T, W), (_prefill(step, T, W, S, max_seq_len, suppressed),)
     decode = step.decode if isinstance(step, Mixed) else step
     B = pick(buckets.decode_batch, len(decode.seqs))
     context = max(s.computed + 1 for s in decode.seqs)
@@ -82,6 +102,6 @@ def build_step(
         W = buckets.context_for(context)
         return ("decode", B, 1, W), (_decode(decode.seqs, B, W, max_seq_len, suppressed),)
     T, chunk = buckets.mixed_tokens, step.prefill
-    W = buckets.context_for(max(context, chunk.start + chunk.length))
-    inputs = (_decode(decode.seqs, B, W, max_seq_len, suppressed), _prefill(chunk, T, W, max_seq_len, suppressed))
+    W = pick(buckets.context_pages, max(-(-context // S), row_pages(chunk, S)))
+    inputs = (_decode(decode.seqs, B, W, max_seq_len, suppressed), _prefill(chunk, T, W, S, max_seq_len, suppressed))
     return ("mixed", B, T, W), inputs

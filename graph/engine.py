@@ -58,6 +58,7 @@ from graph.layout import device_weights
 from graph.outputs import OutputProcessor
 from graph.scheduler import Decode, Mixed, Prefill, Scheduler, Sequence
 from graph.shedding import Queue, WaitEstimator
+from graph.step import PACKED_ROWS
 from models.loader import LoadedModel
 
 log = logging.getLogger("graph.engine")
@@ -115,6 +116,8 @@ class Engine:
             max_prefill_tokens=self.buckets.prefill_tokens[-1],
             mixed_tokens=self.buckets.mixed_tokens,
             salt=f"{model.fingerprint}/{model.dtype}/{config.quantize}".encode(),
+            packed_rows=PACKED_ROWS,
+            max_pages=self.buckets.max_pages,
         )
         self.outputs = OutputProcessor(model.tokenizer, model.cfg, config.max_seq_len)
         self.params = device_weights(model.params, model.cfg, config)
@@ -375,12 +378,13 @@ class Engine:
             self._finish(request_id, reason, error=error)
 
     def _after_prefill(self, step: Prefill, out) -> None:
-        seq = step.seq
-        self.outputs.prompt_logprobs(seq, step, out.prompt)
-        self.scheduler.advance(seq, step.length)
-        if step.start + step.length < seq.length:
-            return  # more chunks to go
-        self._emit(seq, self.outputs.accept(seq, out.sample, 0))
+        at = 0
+        for row, chunk in enumerate(step.chunks):
+            self.outputs.prompt_logprobs(chunk.seq, chunk, out.prompt, at)
+            self.scheduler.advance(chunk.seq, chunk.length)
+            at += chunk.length
+            if chunk.final:  # else more chunks to go
+                self._emit(chunk.seq, self.outputs.accept(chunk.seq, out.sample, row))
 
     def _after_decode(self, step: Decode, out) -> None:
         for row, seq in enumerate(step.seqs):

@@ -10,7 +10,7 @@ import dataclasses
 import numpy as np
 
 from graph.api import RequestOutput, TokenLogprob
-from graph.scheduler import Prefill, Sequence
+from graph.scheduler import Chunk, Sequence
 from models.config import ModelConfig
 from models.tokenizer import IncrementalDetokenizer, StopMatcher, Tokenizer
 
@@ -47,8 +47,9 @@ class OutputProcessor:
             return ()
         return tuple(sorted(self.eos_ids | set(seq.params.stop_token_ids)))
 
-    def prompt_logprobs(self, seq: Sequence, step: Prefill, prompt) -> None:
-        """Collect the prompt logprobs a prefill chunk computed (the first token has none)."""
+    def prompt_logprobs(self, seq: Sequence, step: Chunk, prompt, at: int) -> None:
+        """Collect the prompt logprobs a prefill chunk computed, its tokens from `at` on in the
+        step's row (the first token of a prompt has none)."""
         k = seq.params.prompt_logprobs
         if k is None or seq.preemptions:
             return
@@ -59,8 +60,9 @@ class OutputProcessor:
             pos = step.start + i + 1
             if pos < len(seq.prompt):
                 state.prompt_logprobs[pos] = _logprob(
-                    seq.prompt[pos], prompt.logprob[0, i], prompt.top_ids[0, i], prompt.top_logprobs[0, i], k
-                )
+                    seq.prompt[pos], prompt.logprob[0, at + i], prompt.top_ids[0, at + i],
+                    prompt.top_logprobs[0, at + i], k,
+                )  # fmt: skip
 
     def accept(self, seq: Sequence, sample, row: int) -> RequestOutput:
         """Append the token sampled for `row` and return the request's delta."""

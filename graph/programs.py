@@ -68,8 +68,8 @@ def group_size(cfg: ModelConfig) -> int:
 
 def for_head(inputs: StepInputs) -> StepInputs:
     """The head's inputs: without the page table, whose width (the context bucket) it does not use,
-    so one head serves every context bucket."""
-    return inputs._replace(page_table=None)
+    so one head serves every context bucket (nor the bases, which only the layers use)."""
+    return inputs._replace(page_table=None, base=None)
 
 
 def without_layers(w: Weights) -> Weights:
@@ -123,6 +123,7 @@ def lowerings(
             per_layer[0],
             tuple(i.page_table for i in inputs),
             tuple(i.positions for i in inputs),
+            tuple(i.base for i in inputs),
             ropes,
         )
     )
@@ -160,7 +161,8 @@ class StepProgram:
         hs, ropes = zip(*(f(top, i.tokens, i.positions) for f, i in zip(fronts, inputs, strict=True)), strict=True)
         page_tables = tuple(i.page_table for i in inputs)
         positions = tuple(i.positions for i in inputs)
+        bases = tuple(i.base for i in inputs)
         for i, per_layer in enumerate(self.groups):
             lws = w.layers[i * self.group : (i + 1) * self.group]
-            hs, kv = layer_(lws, tuple(hs), kv, *per_layer, page_tables, positions, tuple(ropes))
+            hs, kv = layer_(lws, tuple(hs), kv, *per_layer, page_tables, positions, bases, tuple(ropes))
         return kv, tuple(h_(top, h, for_head(i)) for h_, h, i in zip(heads, hs, inputs, strict=True))

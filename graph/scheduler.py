@@ -9,6 +9,12 @@ it is prefilled, every running sequence still gets a token per step (in mixed st
 `mixed_tokens`). Without mixed steps (`mixed_tokens == 0`), prefill chunks and decode steps
 alternate while both have work.
 
+Packing: what the oldest prompt leaves of a step's chunk budget goes to the next prompts in
+arrival order (up to `packed_rows` prompts in one chunk, the last one possibly cut), so several
+short prompts that arrive together are prefilled in one step. Their pages sit one after another
+in the chunk's page-table row, which must stay within `packed_pages` (more context makes every
+token's attention longer).
+
 Prefix caching: when a sequence is admitted, the leading full pages of its tokens that the
 allocator has cached (by a hash chained over the tokens, `graph/kv_cache.py`) are taken as they
 are and only the rest is prefilled; at least the last token is always fed, since its logits give
@@ -65,10 +71,25 @@ class Sequence:
 
 
 @dataclasses.dataclass(frozen=True)
-class Prefill:
+class Chunk:
     seq: Sequence
     start: int  # first position fed
     length: int  # tokens fed; the chunk is final when start + length == seq.length
+
+    @property
+    def final(self) -> bool:
+        return self.start + self.length == self.seq.length
+
+
+@dataclasses.dataclass(frozen=True)
+class Prefill:
+    """Prompt chunks fed in one step, one after another in one row (oldest first)."""
+
+    chunks: tuple[Chunk, ...]
+
+    @property
+    def tokens(self) -> int:
+        return sum(c.length for c in self.chunks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +115,8 @@ class Scheduler:
         max_prefill_tokens: int,
         mixed_tokens: int = 0,
         salt: bytes = b"",
+        packed_rows: int = 1,
+        max_pages: int | None = None,
     ):
         self.allocator = allocator
         self.page_size = page_size
@@ -101,6 +124,8 @@ class Scheduler:
         self.max_prefill_tokens = max_prefill_tokens  # chunk of a step without decode rows
         self.mixed_tokens = mixed_tokens  # chunk of a step with decode rows (0: no mixed steps)
         self.salt = salt  # what else the K/V depend on (model, dtype, quantization): roots the hash chain
+        self.packed_rows = packed_rows  # prompts one chunk may carry
+        self.max_pages = max_pages  # of a chunk's row (the largest context bucket); None: unbounded
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         self._last_was_prefill = False
@@ -208,10 +233,29 @@ class Scheduler:
             return self._chunk(prefilling, self.max_prefill_tokens)
         return Mixed(Decode(ready), self._chunk(prefilling, self.mixed_tokens))
 
-    @staticmethod
-    def _chunk(prefilling: list[Sequence], limit: int) -> Prefill:
-        seq = min(prefilling, key=lambda s: s.arrival)
-        return Prefill(seq, seq.computed, min(seq.pending, limit))
+    def _chunk(self, prefilling: list[Sequence], limit: int) -> Prefill:
+        """The oldest prompt's next chunk, and what it leaves of `limit` packed with the next ones."""
+        first, *rest = sorted(prefilling, key=lambda s: s.arrival)
+        chunks = [Chunk(first, first.computed, min(first.pending, limit))]
+        budget = limit - chunks[0].length
+        pages = self.pages_for(first.computed + chunks[0].length)
+        bound = max(pages, self.packed_pages(limit))
+        for seq in rest:
+            if budget <= 0 or len(chunks) == self.packed_rows:
+                break
+            n = min(seq.pending, budget)
+            more = self.pages_for(seq.computed + n)
+            if pages + more <= bound:
+                chunks.append(Chunk(seq, seq.computed, n))
+                budget -= n
+                pages += more
+        return Prefill(tuple(chunks))
+
+    def packed_pages(self, limit: int) -> int:
+        """Row pages a packed chunk of `limit` tokens may use: its tokens' pages, each prompt's
+        last one partly filled."""
+        pages = self.pages_for(limit) + self.packed_rows - 1
+        return pages if self.max_pages is None else min(pages, self.max_pages)
 
     def advance(self, seq: Sequence, fed: int) -> None:
         """`fed` more tokens of `seq` now have K/V in the cache; pages that this fills are

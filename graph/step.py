@@ -23,22 +23,33 @@ from models.params import Weights
 
 Key = tuple[str, int, int, int]  # a bucket: (phase, batch, tokens, context pages); see `segments_of`
 PROMPT_LOGPROB_SLICE = 16  # tokens whose full-vocabulary logits exist at once
+PACKED_ROWS = 4  # the most prompts one prefill chunk carries (packed): its head samples this many
 
 
 class StepInputs(NamedTuple):
+    """One segment's inputs: `[B, T]` tokens, and `R` sampled rows (R = B for a decode batch;
+    `PACKED_ROWS` for a prefill chunk, whose row holds up to that many prompts one after another)."""
+
     tokens: jax.Array  # i32 [B, T]
     positions: jax.Array  # i32 [B, T]; -1 = padding
+    base: jax.Array | None  # i32 [B, T]: where the token's sequence starts in its page-table row (prefill)
     page_table: jax.Array  # i32 [B, W]
-    last_index: jax.Array  # i32 [B]: the t whose logits give the next token
-    sampling: SamplingArrays
-    history: jax.Array  # i32 [B, H]: prompt + output tokens so far, -1 padded (penalties)
-    prompt_len: jax.Array  # i32 [B]
+    last_index: jax.Array  # i32 [R]: the token (flat index into B * T) whose logits give a row's next token
+    sampling: SamplingArrays  # [R]
+    history: jax.Array  # i32 [R, H]: prompt + output tokens so far, -1 padded (penalties)
+    prompt_len: jax.Array  # i32 [R]
     next_tokens: jax.Array  # i32 [B, T]: the token after each position (prompt logprobs), -1 none
     want_prompt_logprobs: jax.Array  # bool []
 
 
+def rows_of(phase: str, batch: int) -> int:
+    """Sampled rows of a segment."""
+    return PACKED_ROWS if phase == "prefill" else batch
+
+
 def abstract_inputs(key: Key, max_seq_len: int) -> StepInputs:
-    _, B, T, W = key
+    phase, B, T, W = key
+    R = rows_of(phase, B)
     i32, f32 = jnp.int32, jnp.float32
 
     def a(shape, dtype=i32):
@@ -47,24 +58,25 @@ def abstract_inputs(key: Key, max_seq_len: int) -> StepInputs:
     return StepInputs(
         tokens=a((B, T)),
         positions=a((B, T)),
+        base=a((B, T)) if phase == "prefill" else None,
         page_table=a((B, W)),
-        last_index=a((B,)),
+        last_index=a((R,)),
         sampling=SamplingArrays(
-            temperature=a((B,), f32),
-            top_k=a((B,)),
-            top_p=a((B,), f32),
-            min_p=a((B,), f32),
-            presence=a((B,), f32),
-            frequency=a((B,), f32),
-            repetition=a((B,), f32),
-            bias_ids=a((B, MAX_LOGIT_BIAS)),
-            bias_values=a((B, MAX_LOGIT_BIAS), f32),
-            suppress_ids=a((B, MAX_SUPPRESS)),
-            seed=a((B,), jnp.uint32),
-            want_top=a((B,), jnp.bool_),
+            temperature=a((R,), f32),
+            top_k=a((R,)),
+            top_p=a((R,), f32),
+            min_p=a((R,), f32),
+            presence=a((R,), f32),
+            frequency=a((R,), f32),
+            repetition=a((R,), f32),
+            bias_ids=a((R, MAX_LOGIT_BIAS)),
+            bias_values=a((R, MAX_LOGIT_BIAS), f32),
+            suppress_ids=a((R, MAX_SUPPRESS)),
+            seed=a((R,), jnp.uint32),
+            want_top=a((R,), jnp.bool_),
         ),
-        history=a((B, max_seq_len)),
-        prompt_len=a((B,)),
+        history=a((R, max_seq_len)),
+        prompt_len=a((R,)),
         next_tokens=a((B, T)),
         want_prompt_logprobs=a((), jnp.bool_),
     )
@@ -105,9 +117,9 @@ def _prompt_logprobs(w: Weights, cfg: ModelConfig, h: jax.Array, next_tokens: ja
 
 def back(w: Weights, h: jax.Array, inp: StepInputs, *, cfg: ModelConfig, prefill: bool) -> StepOutputs:
     """Final-normed hidden [B, T, D] -> the sampled token of each row (+ prompt logprobs)."""
-    last = jnp.take_along_axis(h, inp.last_index[:, None, None], axis=1)[:, 0]  # [B, D]
-    logits = unembed(w, cfg, last)  # f32 [B, V]
-    sample_pos = jnp.take_along_axis(inp.positions, inp.last_index[:, None], axis=1)[:, 0] + 1
+    last = h.reshape(-1, h.shape[-1])[inp.last_index]  # [R, D]
+    logits = unembed(w, cfg, last)  # f32 [R, V]
+    sample_pos = inp.positions.reshape(-1)[inp.last_index] + 1
     out = sample(logits, inp.sampling, sample_pos, inp.history, inp.prompt_len)
     prompt = None
     if prefill:
@@ -127,7 +139,13 @@ def step(w: Weights, kv: KVCache, inps: tuple[StepInputs, ...], *, cfg: ModelCon
     """The whole step in one executable, over one segment or several (a mixed step: the decode
     rows, then a prefill chunk): -> (kv, per-segment StepOutputs)."""
     hs, kv = transformer.hidden(
-        w, cfg, tuple(i.tokens for i in inps), tuple(i.positions for i in inps), kv, tuple(i.page_table for i in inps)
+        w,
+        cfg,
+        tuple(i.tokens for i in inps),
+        tuple(i.positions for i in inps),
+        kv,
+        tuple(i.page_table for i in inps),
+        tuple(i.base for i in inps),
     )
     return kv, tuple(back(w, h, i, cfg=cfg, prefill=p) for h, i, p in zip(hs, inps, prefill, strict=True))
 
@@ -142,12 +160,12 @@ def front(w: Weights, tokens: jax.Array, positions: jax.Array, *, cfg: ModelConf
     return transformer.embed(w, cfg, tokens), transformer.ropes_for(cfg, positions)
 
 
-def layers(lws, hs, kv: KVCache, index, sliding, window, page_tables, positions, ropes, *, cfg):
+def layers(lws, hs, kv: KVCache, index, sliding, window, page_tables, positions, bases, ropes, *, cfg):
     """A group of decoder layers over the step's segments; `index`, `sliding` and `window` are [G]
     arrays. -> (per-segment h, kv)."""
     h = flatten(hs)
     for g, lw in enumerate(lws):
-        segs = transformer.segments(page_tables, positions, ropes, sliding[g])
+        segs = transformer.segments(page_tables, positions, ropes, sliding[g], bases)
         h, kv = transformer.block(cfg, lw, h, segs, kv, index[g], window[g])
     return unflatten(h, segs), kv
 

@@ -7,6 +7,9 @@ Paged KV cache layout (the compile layer allocates it, models only read and writ
   valid, e.g. 0: causal masking hides them). Page 0 is scratch: padding tokens (position -1)
   write there, so a real sequence must never own page 0.
 Token t of a sequence lives at page_table[b, t // S], slot t % S, in every (layer, kv head) plane.
+A row may also hold several sequences one after another (a packed prefill chunk): each token
+then has a `base`, the page-aligned start of its sequence's pages within the row, and is at
+row position base + t; it attends only to row positions from its own base on.
 Head-major, one (layer, head, page) is a contiguous [S, Dh] row block: a step reads a sequence's
 keys with one plain row gather and no transposes (XLA:CPU runs a gather fused with a transpose at
 ~1 GB/s), and it is the layout Pallas paged-attention kernels take on GPU and TPU.
@@ -83,11 +86,13 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotated * sin
 
 
-def kv_slots(page_table: jax.Array, positions: jax.Array, page_size: int) -> tuple[jax.Array, jax.Array]:
+def kv_slots(
+    page_table: jax.Array, positions: jax.Array, page_size: int, base: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
     """The (page, slot) of each token [B, T] -> two [B * T] arrays; padding (position -1) goes to
-    scratch page 0."""
+    scratch page 0. `base` [B, T]: where each token's sequence starts in its row (packed rows)."""
     valid = positions >= 0
-    safe = jnp.where(valid, positions, 0)
+    safe = jnp.where(valid, positions if base is None else positions + base, 0)
     pages = jnp.take_along_axis(page_table, safe // page_size, axis=1)
     return jnp.where(valid, pages, 0).reshape(-1), jnp.where(valid, safe % page_size, 0).reshape(-1)
 
@@ -109,9 +114,11 @@ def paged_attention(
     scale: float,
     window: Any,
     softcap: float | None,
+    base: jax.Array | None = None,
 ) -> jax.Array:
     """Causal attention of q [B, T, H, Dh] over the pages of each sequence (already holding
-    this step's keys). `window` > 0 limits each query to its last `window` keys."""
+    this step's keys). `window` > 0 limits each query to its last `window` keys; `base` [B, T]
+    (packed rows) is where each query's sequence starts in its row."""
     B, T, H, Dh = q.shape
     L, K, P, S, _ = kv.k.shape
     W, G = page_table.shape[1], H // K
@@ -123,9 +130,14 @@ def paged_attention(
     scores = jnp.einsum("kbrd,kbsd->kbrs", qg, k, preferred_element_type=jnp.float32) * scale
     if softcap:
         scores = jnp.tanh(scores / softcap) * softcap
-    key_pos = jnp.arange(W * S, dtype=jnp.int32)[None, None, :]  # [1, 1, W*S]
-    query_pos = jnp.repeat(positions, G, axis=1)[:, :, None]  # [B, T*G, 1]
-    mask = key_pos <= query_pos
+    key_pos = jnp.arange(W * S, dtype=jnp.int32)[None, None, :]  # [1, 1, W*S], row positions
+    if base is None:
+        query_pos = jnp.repeat(positions, G, axis=1)[:, :, None]  # [B, T*G, 1]
+        mask = key_pos <= query_pos
+    else:
+        start = jnp.repeat(base, G, axis=1)[:, :, None]
+        query_pos = jnp.repeat(jnp.where(positions >= 0, positions + base, -1), G, axis=1)[:, :, None]
+        mask = (key_pos <= query_pos) & (key_pos >= start)
     mask &= (window <= 0) | (key_pos > query_pos - window)
     scores = jnp.where(mask[None], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -142,6 +154,7 @@ class Segment(NamedTuple):
     page_table: jax.Array  # i32 [B, W]
     positions: jax.Array  # i32 [B, T], -1 = padding
     rope: tuple[jax.Array, jax.Array]  # cos, sin [B, T, Dh] (the rotary tables of this layer's kind)
+    base: jax.Array | None = None  # i32 [B, T]: a packed row's start of each token's sequence
 
 
 def flatten(hs: tuple[jax.Array, ...]) -> jax.Array:
@@ -184,7 +197,7 @@ def attention(
         vs.append(v.reshape(B * T, K, Dh))
     # every segment's keys are written before any is read: one scatter per cache, in place (a
     # write after another segment's read would make XLA copy the whole pool)
-    slots = [kv_slots(seg.page_table, seg.positions, kv.page_size) for seg in segs]
+    slots = [kv_slots(seg.page_table, seg.positions, kv.page_size, seg.base) for seg in segs]
     slots = tuple(jnp.concatenate(x) for x in zip(*slots, strict=True))
     kv = KVCache(write_kv(kv.k, layer, jnp.concatenate(ks), slots), write_kv(kv.v, layer, jnp.concatenate(vs), slots))
     outs = []
@@ -192,7 +205,7 @@ def attention(
         B, T = seg.positions.shape
         out = paged_attention(
             q, kv, layer, seg.page_table, seg.positions,
-            scale=cfg.attn_scale, window=window, softcap=cfg.attn_logit_softcap,
+            scale=cfg.attn_scale, window=window, softcap=cfg.attn_logit_softcap, base=seg.base,
         )  # fmt: skip
         outs.append(out.reshape(B, T, H * Dh))
     out = linear(flatten(tuple(outs)), lw.o)

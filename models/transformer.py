@@ -36,16 +36,17 @@ def block(cfg: ModelConfig, lw: LayerWeights, h, segs: tuple[Segment, ...], kv: 
     return h, kv
 
 
-def segments(page_tables, positions, ropes, sliding) -> tuple[Segment, ...]:
+def segments(page_tables, positions, ropes, sliding, bases=None) -> tuple[Segment, ...]:
     """A layer's segments: each with the rotary tables of the layer's kind (`sliding`: a bool or
-    a traced one) picked from its (global, local) pair."""
+    a traced one) picked from its (global, local) pair, and its packed-row bases (or None)."""
 
     def pick(pair):
         if isinstance(sliding, bool):
             return pair[1] if sliding else pair[0]
         return jax.tree.map(lambda g, loc: jnp.where(sliding, loc, g), *pair)
 
-    return tuple(Segment(t, p, pick(r)) for t, p, r in zip(page_tables, positions, ropes, strict=True))
+    bases = bases or (None,) * len(positions)
+    return tuple(Segment(t, p, pick(r), b) for t, p, r, b in zip(page_tables, positions, ropes, bases, strict=True))
 
 
 def embed(w: Weights, cfg: ModelConfig, tokens: jax.Array) -> jax.Array:
@@ -82,6 +83,7 @@ def hidden(
     positions: tuple[jax.Array, ...],  # per segment [B, T] int32, -1 for padding
     kv: KVCache,
     page_tables: tuple[jax.Array, ...],  # per segment [B, W] int32
+    bases: tuple[jax.Array | None, ...] | None = None,  # per segment [B, T] int32 (packed rows) or None
 ) -> tuple[tuple[jax.Array, ...], KVCache]:
     """Embedding, the layers (unrolled over a list, or `lax.scan` over stacked weights), and the
     final norm, over one or several segments: -> (per-segment hidden [B, T, D], kv)."""
@@ -89,14 +91,15 @@ def hidden(
     ropes = tuple(ropes_for(cfg, p) for p in positions)
     if isinstance(w.layers, list):
         for i, lw in enumerate(w.layers):
-            segs = segments(page_tables, positions, ropes, bool(cfg.sliding_flags[i]))
+            segs = segments(page_tables, positions, ropes, bool(cfg.sliding_flags[i]), bases)
             h, kv = block(cfg, lw, h, segs, kv, i, windows(cfg)[i])
     else:
 
         def step(carry, xs):
             h, kv = carry
             lw, layer, is_sliding, window = xs
-            return block(cfg, lw, h, segments(page_tables, positions, ropes, is_sliding), kv, layer, window), None
+            segs = segments(page_tables, positions, ropes, is_sliding, bases)
+            return block(cfg, lw, h, segs, kv, layer, window), None
 
         xs = (
             w.layers,

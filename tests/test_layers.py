@@ -56,6 +56,38 @@ def test_head_major_paged_attention_equals_dense_attention(window, layer):
         np.testing.assert_allclose(out[b, :n], ref[:n], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("window", [0, 5])
+def test_sequences_packed_in_one_row_attend_only_to_themselves(window):
+    """The three sequences one after another in a single row (a packed prefill chunk), each
+    from a page boundary of the row: each token's output is its own sequence's dense attention."""
+    rng = np.random.default_rng(1)
+    N = sum(LENGTHS)
+    q = rng.normal(size=(1, N, K * G, Dh)).astype(np.float32)
+    k = rng.normal(size=(1, N, K, Dh)).astype(np.float32)
+    v = rng.normal(size=(1, N, K, Dh)).astype(np.float32)
+    positions = np.concatenate([np.arange(n) for n in LENGTHS])[None].astype(np.int32)
+    row_pages = [-(-n // S) for n in LENGTHS]
+    starts = np.cumsum([0, *row_pages[:-1]]) * S
+    base = np.concatenate([np.full(n, b) for n, b in zip(LENGTHS, starts, strict=True)])[None].astype(np.int32)
+    pages = rng.permutation(np.arange(1, 1 + sum(row_pages)))[None].astype(np.int32)
+    shape = (L, K, 1 + sum(row_pages), S, Dh)
+
+    @jax.jit
+    def run():
+        cache = KVCache(jnp.zeros(shape), jnp.zeros(shape))
+        slots = kv_slots(pages, positions, cache.page_size, base)
+        flat = (-1, *k.shape[2:])
+        cache = KVCache(write_kv(cache.k, 1, k.reshape(flat), slots), write_kv(cache.v, 1, v.reshape(flat), slots))
+        return paged_attention(q, cache, 1, pages, positions, scale=0.3, window=window, softcap=None, base=base)
+
+    out = np.asarray(run())[0]
+    at = 0
+    for n in LENGTHS:
+        ref = _dense_attention(q[0, at : at + n], k[0, at : at + n], v[0, at : at + n], n, 0.3, window)
+        np.testing.assert_allclose(out[at : at + n], ref, atol=1e-5, rtol=1e-5)
+        at += n
+
+
 def test_hadamard_rotation_is_exact_and_undone_by_itself():
     x = np.random.default_rng(1).normal(size=(3, 192)).astype(np.float32)
     block = rotation_block(192)

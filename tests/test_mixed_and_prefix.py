@@ -1,6 +1,6 @@
-"""Mixed steps and prefix caching through the real engine: a request's tokens do not depend on
-whether it ran alone, in mixed steps beside other prompts' chunks, or with its prefix taken from
-the prefix cache; on the bundled SmolLM2 and on a tiny random Gemma 3, whose sliding-window layers
+"""Mixed steps, packed prefill and prefix caching through the real engine: a request's tokens do
+not depend on whether it ran alone, in mixed steps beside other prompts' chunks, packed in one
+chunk with other prompts, or with its prefix taken from the prefix cache; on the bundled SmolLM2 and on a tiny random Gemma 3, whose sliding-window layers
 must find valid keys in cached pages too."""
 
 from __future__ import annotations
@@ -98,4 +98,21 @@ def test_prompts_prefilled_in_mixed_steps_give_the_same_tokens(llm, params):
     got, runner_tokens = asyncio.run(run())
     assert runner_tokens == 48
     assert engine.step_kinds["mixed"] - mixed_before >= 2  # the 73+-token prompts take 2 chunks of 64
+    assert got == expected
+
+
+SHORT = [list(range(100 + 20 * i, 110 + 21 * i)) for i in range(4)]  # 10 to 13 tokens, nothing shared
+
+
+@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+def test_short_prompts_that_arrive_together_are_packed_into_one_prefill_with_the_same_tokens(llm, params):
+    engine = llm.engine
+    expected = []
+    for prompt in SHORT:
+        engine.reset_prefix_cache()
+        expected.append(llm.generate([prompt], params)[0].token_ids)
+    engine.reset_prefix_cache()
+    prefills = engine.step_kinds["prefill"]
+    got = [out.token_ids for out in llm.generate(SHORT, params)]
+    assert engine.step_kinds["prefill"] - prefills == 1  # all four in one packed chunk
     assert got == expected

@@ -58,6 +58,7 @@ class Driver:
         max_prefill_tokens: int,
         mixed_tokens: int = 0,
         caching: bool = False,
+        packed_rows: int = 1,
     ):
         self.allocator = PageAllocator(usable_pages + 1, caching=caching)
         self.scheduler = Scheduler(
@@ -66,6 +67,8 @@ class Driver:
             max_batch=max_batch,
             max_prefill_tokens=max_prefill_tokens,
             mixed_tokens=mixed_tokens,
+            packed_rows=packed_rows,
+            max_pages=usable_pages,
         )
         self.model = FakeModel(self.allocator, page_size)
         self.trace: list[tuple] = []
@@ -79,11 +82,12 @@ class Driver:
     def step(self) -> Prefill | Decode | Mixed | None:
         d = self.scheduler.schedule()
         if isinstance(d, Mixed):  # the engine's order: the decode rows, then the chunk
-            self.trace.append(("M", *(s.request_id for s in d.decode.seqs), "+", d.prefill.seq.request_id))
+            chunks = (c.seq.request_id for c in d.prefill.chunks)
+            self.trace.append(("M", *(s.request_id for s in d.decode.seqs), "+", *chunks))
             self._decode(d.decode)
             self._prefill(d.prefill)
         elif isinstance(d, Prefill):
-            self.trace.append(("P", d.seq.request_id, d.start, d.length))
+            self.trace.append(("P", *(x for c in d.chunks for x in (c.seq.request_id, c.start, c.length))))
             self._prefill(d)
         elif isinstance(d, Decode):
             self.trace.append(("D", *(s.request_id for s in d.seqs)))
@@ -92,12 +96,16 @@ class Driver:
         return d
 
     def _prefill(self, d: Prefill) -> None:
-        seq = d.seq
-        assert d.length > 0 and d.start == seq.computed
-        token = self.model.feed(seq, d.start, d.length)
-        self.scheduler.advance(seq, d.length)
-        if d.start + d.length == seq.length:  # the last chunk samples the next token
-            self._accept(seq, token)
+        assert len({id(c.seq) for c in d.chunks}) == len(d.chunks) <= self.scheduler.packed_rows
+        pages = sum(self.scheduler.pages_for(c.start + c.length) for c in d.chunks)
+        assert len(d.chunks) == 1 or pages <= self.scheduler.packed_pages(self.scheduler.max_prefill_tokens)
+        for c in d.chunks:
+            seq = c.seq
+            assert c.length > 0 and c.start == seq.computed
+            token = self.model.feed(seq, c.start, c.length)
+            self.scheduler.advance(seq, c.length)
+            if c.final:  # the last chunk samples the next token
+                self._accept(seq, token)
 
     def _decode(self, d: Decode) -> None:
         assert all(s.pending == 1 for s in d.seqs)
@@ -346,10 +354,11 @@ def test_removing_a_waiting_sequence_takes_it_off_the_queue():
 # ---- a random workload ----
 
 
-def test_random_workload_with_aborts_frees_every_page_and_answers_correctly():
+@pytest.mark.parametrize("packed_rows", [1, 3])
+def test_random_workload_with_aborts_frees_every_page_and_answers_correctly(packed_rows):
     rng = random.Random(20240611)
     usable = 24
-    d = Driver(usable, page_size=4, max_batch=6, max_prefill_tokens=8)
+    d = Driver(usable, page_size=4, max_batch=6, max_prefill_tokens=8, packed_rows=packed_rows)
     seqs: dict[str, Sequence] = {}
     aborted: set[str] = set()
     preempted = 0
@@ -409,6 +418,54 @@ def test_the_oldest_prompt_gets_the_chunk_of_every_mixed_step():
     chunks = [t[-1] for t in d.trace if t[0] == "M"]
     assert chunks == ["b", "b", "b", "c", "c"]  # b to the end first (10 = 4 + 4 + 2), then c (4 + 2)
     assert d.finished == {"a": expected([1], 6), "b": [10], "c": [6]}
+
+
+# ---- packed prefill chunks ----
+
+
+def test_short_prompts_that_arrive_together_are_prefilled_in_one_step():
+    d = Driver(32, page_size=4, max_batch=8, max_prefill_tokens=16, packed_rows=3)
+    for name, n in [("a", 5), ("b", 3), ("c", 6), ("d", 2)]:
+        d.add(name, list(range(n)), max_tokens=2)
+    d.step()
+    # a, b and c fill 14 of the 16 tokens; d waits: three prompts at most in a chunk
+    assert d.trace == [("P", "a", 0, 5, "b", 0, 3, "c", 0, 6)]
+    d.run()
+    assert d.trace[1] == ("D", "a", "b", "c") and d.trace[2] == ("P", "d", 0, 2)
+    assert d.finished == {x: expected(list(range(n)), 2) for x, n in [("a", 5), ("b", 3), ("c", 6), ("d", 2)]}
+
+
+def test_the_budget_left_by_the_oldest_prompt_goes_to_the_next_one_cut_to_fit():
+    d = Driver(32, page_size=4, max_batch=8, max_prefill_tokens=16, packed_rows=4)
+    d.add("a", list(range(10)), max_tokens=1)
+    d.add("b", list(range(20)), max_tokens=1)
+    d.run()
+    assert d.trace[:2] == [("P", "a", 0, 10, "b", 0, 6), ("P", "b", 6, 14)]
+    assert d.finished == {"a": [10], "b": [20]}
+
+
+def test_mixed_steps_pack_prompts_beside_the_decode_rows():
+    d = Driver(32, page_size=4, max_batch=8, max_prefill_tokens=16, mixed_tokens=8, packed_rows=4)
+    d.add("a", [1], max_tokens=4)
+    d.step()
+    d.add("b", [1, 2, 3], max_tokens=1)
+    d.add("c", [4, 5, 6], max_tokens=1)
+    d.step()
+    assert d.trace[-1] == ("M", "a", "+", "b", "c")
+    assert d.run()[-1] == ("D", "a")
+
+
+def test_a_prompt_with_a_long_context_is_not_packed_with_others():
+    """A packed chunk's row holds every prompt's pages: a long context (here a cached prefix)
+    would make every token's attention longer, so that prompt goes alone."""
+    d = Driver(32, page_size=4, max_batch=8, max_prefill_tokens=8, packed_rows=4, caching=True)
+    d.add("warm", list(range(40)), max_tokens=1)
+    d.run()
+    d.trace.clear()
+    d.add("long", [*range(40), 98, 99], max_tokens=1)  # 40 cached tokens: 11 pages of context for 2 new ones
+    d.add("short", [7, 8], max_tokens=1)
+    d.run()
+    assert d.trace[:2] == [("P", "long", 40, 2), ("P", "short", 0, 2)]
 
 
 # ---- prefix caching ----
@@ -493,14 +550,17 @@ def test_a_preempted_sequence_finds_its_filled_pages_in_the_cache():
     assert d.finished == {"a": expected([12], 5), "b": expected([52], 3)}
 
 
-@pytest.mark.parametrize("mixed_tokens", [0, 4])
-def test_random_shared_prefix_workload_keeps_exact_reference_counts(mixed_tokens):
+@pytest.mark.parametrize(("mixed_tokens", "packed_rows"), [(0, 1), (4, 1), (0, 3), (4, 3)])
+def test_random_shared_prefix_workload_keeps_exact_reference_counts(mixed_tokens, packed_rows):
     """300 requests sharing prefixes, random aborts, preemptions: the allocator's invariants hold
     after every step (`check_pages`), every answer is right, and at the end every page is free or
     held by the cache alone."""
     rng = random.Random(7 + mixed_tokens)
     usable = 30
-    d = Driver(usable, page_size=4, max_batch=6, max_prefill_tokens=8, mixed_tokens=mixed_tokens, caching=True)
+    d = Driver(
+        usable, page_size=4, max_batch=6, max_prefill_tokens=8, mixed_tokens=mixed_tokens, caching=True,
+        packed_rows=packed_rows,
+    )  # fmt: skip
     prefixes = [[rng.randrange(100) for _ in range(rng.randint(4, 24))] for _ in range(5)]
     seqs: dict[str, Sequence] = {}
     aborted: set[str] = set()
