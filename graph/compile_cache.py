@@ -21,14 +21,15 @@ is not supported on the host machine", and jax turns a failed load into a warnin
 
 jax's cache needs the program to find its executable, and tracing and lowering the model is most
 of a warm start (16 of 22 s for 86 executables). So each fresh compilation is also kept, serialized
-as compiled, in an `ExecutableStore` beside jax's cache, found by a key over what the table is built
-from: the engine's configuration (all of it but the fields that only size the pool or the queue),
-the pool's page count, the model config, the jax, jaxlib, numpy and ml_dtypes versions, jax's
-configuration, the `JAX_*`, `XLA_*` and `LIBTPU_*` environment, backend and devices, and a hash of
-the source of graph/ and models/. A start reads it before lowering anything (86 executables: ~3 s);
-what it lacks goes through jax's cache, whose exact key decides. After a change to graph/ or
-models/, then, a start lowers again and stays as slow as jax's cache makes it (what jax's cache had
-is not stored again) until the directory is cleared.
+as compiled (graph/executable_io.py: payload and description, no pickle; an entry that does not
+read back is a miss), in an `ExecutableStore` beside jax's cache, found by a key over what the
+table is built from: the engine's configuration (all of it but the fields that only size the pool
+or the queue), the pool's page count, the model config, the jax, jaxlib, numpy and ml_dtypes
+versions, jax's configuration, the `JAX_*`, `XLA_*` and `LIBTPU_*` environment, backend and
+devices, and a hash of the source of graph/ and models/. A start reads it before lowering anything
+(86 executables: ~3 s); what it lacks goes through jax's cache, whose exact key decides. After a
+change to graph/ or models/, then, a start lowers again and stays as slow as jax's cache makes it
+(what jax's cache had is not stored again) until the directory is cleared.
 
 jax 0.10.2 cannot serialize an executable it loaded from a cache (the XLA:CPU executable written
 again lacks its kernels: "Function ... not found" when it runs), so only fresh compilations are

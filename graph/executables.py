@@ -2,8 +2,10 @@
 executable, or a front/layer/head chain), over the compiled executables kept by name.
 
 Built with `jax.jit(fn, donate_argnums=kv).lower(abstract args).compile()` for every bucket, or
-loaded from an artifact directory written by `save` (serialized executables + a manifest). A key
-that is not in the table is a loud error: nothing is ever compiled while serving.
+loaded from an artifact directory written by `save`: each executable's payload in `NAME.bin`, and
+`manifest.json` with what the table was built for and each executable's description and checksum
+(graph/executable_io.py: data only, nothing in the directory is unpickled or imported). A key that
+is not in the table is a loud error: nothing is ever compiled while serving.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import dataclasses
 import json
 import logging
 import os
-import pickle
 import sys
 import threading
 import time
@@ -24,11 +25,10 @@ from typing import Any
 
 import jax
 import jaxlib
-from jax.experimental.serialize_executable import deserialize_and_load, serialize
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from graph import compile_cache
+from graph import compile_cache, executable_io
 from graph.api import EngineConfig
 from graph.buckets import Buckets
 from graph.layout import layer_loop
@@ -179,8 +179,8 @@ class ExecutableTable:
                 executables[n], memory[n] = compiled, _memory(compiled)
                 if hit:
                     cached.add(n)
-                elif store is not None:
-                    store.write(n, _serialize(compiled))
+                else:
+                    _store(store, n, compiled)
                 progress.done(n, seconds, hit)
         log.info(
             "%d executables ready in %.1fs: %d compiled, %d from the compilation cache",
@@ -191,8 +191,7 @@ class ExecutableTable:
             with compile_cache.bypassed(), _Progress(len(cached)) as progress:
                 for n, compiled, seconds, hit in _compile_parallel(lowering, sorted(cached)):
                     executables[n] = compiled
-                    if store is not None:
-                        store.write(n, _serialize(compiled))
+                    _store(store, n, compiled)
                     progress.done(n, seconds, hit)
             cached.clear()
         return cls(cfg, dtype, config, buckets, num_pages, executables, memory, frozenset(cached))
@@ -213,11 +212,12 @@ class ExecutableTable:
 
     # ---- artifacts ----
 
-    def manifest(self, fingerprint: str) -> dict[str, Any]:
+    def manifest(self, fingerprint: str, executables: dict[str, dict[str, Any]]) -> dict[str, Any]:
         return {
             **identity(fingerprint, self.dtype, self.config, self.buckets),
             "num_pages": self.num_pages,
             "memory": self.memory,
+            "executables": executables,  # by name: executable_io's description, with the payload's sha256
         }
 
     def save(self, directory: str | Path, fingerprint: str) -> None:
@@ -228,9 +228,11 @@ class ExecutableTable:
             )
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        descriptions = {}
         for n, compiled in self.executables.items():
-            (directory / f"{n}.bin").write_bytes(_serialize(compiled))
-        (directory / MANIFEST).write_text(json.dumps(self.manifest(fingerprint), indent=2))
+            descriptions[n], payload = executable_io.describe(compiled)
+            (directory / f"{n}.bin").write_bytes(payload)
+        (directory / MANIFEST).write_text(json.dumps(self.manifest(fingerprint, descriptions), indent=2))
         log.info("wrote %d executables and %s to %s", len(self.executables), MANIFEST, directory)
 
     @classmethod
@@ -256,24 +258,41 @@ class ExecutableTable:
         started = time.monotonic()
         loop = layer_loop(config)
         names = list(dict.fromkeys(n for key in [INIT_KV, *buckets.all_keys()] for n in unit_names(key, loop)))
-        executables = {}
-        for n in names:
-            path = directory / f"{n}.bin"
-            if not path.exists():
-                raise ArtifactMismatchError(f"{path}: missing executable")
-            executables[n] = _deserialize(path.read_bytes())
+        descriptions, memory, num_pages = (manifest.get(k) for k in ("executables", "memory", "num_pages"))
+        if not (isinstance(descriptions, dict) and isinstance(memory, dict) and isinstance(num_pages, int)):
+            raise ArtifactMismatchError(
+                f"{directory / MANIFEST}: no executable descriptions (made by an older version?): make it again "
+                "with python -m graph.aot"
+            )
+        executables = {n: _load_one(directory / f"{n}.bin", descriptions.get(n)) for n in names}
         log.info("loaded %d executables from %s in %.1fs", len(names), directory, time.monotonic() - started)
-        memory = {n: manifest["memory"].get(n, {}) for n in names}
-        return cls(cfg, dtype, config, buckets, int(manifest["num_pages"]), executables, memory)
+        return cls(cfg, dtype, config, buckets, num_pages, executables, {n: memory.get(n, {}) for n in names})
 
 
-def _serialize(compiled: Any) -> bytes:
-    return pickle.dumps(serialize(compiled))
+def _load_one(path: Path, description: Any) -> Any:
+    """An artifact's executable; ArtifactMismatchError naming the file if it is missing, damaged or
+    not what the manifest describes."""
+    if not isinstance(description, dict):
+        raise ArtifactMismatchError(f"{path}: not described in {MANIFEST}")
+    try:
+        return executable_io.load(description, path.read_bytes())
+    except FileNotFoundError:
+        raise ArtifactMismatchError(f"{path}: missing executable") from None
+    except executable_io.BadExecutableError as e:
+        raise ArtifactMismatchError(f"{path}: {e}") from None
+    except Exception as e:  # the backend refused a payload that is the one described
+        raise ArtifactMismatchError(f"{path}: cannot load the executable: {e}") from None
 
 
-def _deserialize(data: bytes) -> Any:
-    payload, in_tree, out_tree = pickle.loads(data)
-    return deserialize_and_load(payload, in_tree, out_tree)
+def _store(store: compile_cache.ExecutableStore | None, name: str, compiled: Any) -> None:
+    """Keep a fresh compilation in the store: its description and payload in one file (one atomic
+    write). The store only saves time: an executable it cannot take is left out, with a warning."""
+    if store is None:
+        return
+    try:
+        store.write(name, executable_io.pack(*executable_io.describe(compiled)))
+    except (executable_io.BadExecutableError, OSError) as e:
+        log.warning("not storing executable %s: %s", name, e)
 
 
 # EngineConfig fields that size the pool (its page count is a key of its own) or the queue, say
@@ -298,7 +317,7 @@ def _read_stored(store: compile_cache.ExecutableStore | None, names: list[str]) 
         t0 = time.monotonic()
         data = store.read(n)
         try:
-            compiled = None if data is None else _deserialize(data)
+            compiled = None if data is None else executable_io.load(*executable_io.unpack(data))
         except Exception as e:
             log.warning("ignoring stored executable %s: %s", n, e)
             compiled = None
@@ -331,16 +350,23 @@ def identity(fingerprint: str, dtype: str, config: EngineConfig, buckets: Bucket
 
 
 class ArtifactMismatchError(RuntimeError):
-    """An AOT artifact directory made for another model, bucket set, dtype, backend or jax."""
+    """An AOT artifact directory made for another model, bucket set, dtype, backend or jax, or
+    one with a missing, damaged or altered file."""
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
+    path = directory / MANIFEST
     try:
-        return json.loads((directory / MANIFEST).read_text())
+        manifest = json.loads(path.read_text())
     except FileNotFoundError:
         raise ArtifactMismatchError(
             f"{directory}: no {MANIFEST}: not an artifact directory (make one with python -m graph.aot)"
         ) from None
+    except (ValueError, OSError) as e:
+        raise ArtifactMismatchError(f"{path}: unreadable: {e}") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactMismatchError(f"{path}: not a manifest")
+    return manifest
 
 
 def _jsonable(x: Any) -> Any:

@@ -1,7 +1,8 @@
 """Ahead-of-time artifacts: `python -m graph.aot` writes the whole table; an engine started from
 it compiles nothing (not even small eager computations), with the compilation cache off so nothing
 could come from there either; an artifact made for something else is refused with a message saying
-what differs."""
+what differs; a damaged file is refused naming it, and the server then exits with that one line;
+and nothing that loads artifacts or weights can unpickle."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from graph import compile_cache
+from graph import compile_cache, executable_io
 from graph.api import EngineConfig
 from graph.buckets import Buckets
 from graph.executables import ArtifactMismatchError, ExecutableTable
@@ -145,3 +147,57 @@ def test_artifact_for_another_model_or_jax_is_refused(artifact, smol_model, tmp_
     (other / "manifest.json").write_text(json.dumps({**manifest, "jax": "0.0.1"}))
     with pytest.raises(ArtifactMismatchError, match=r"jax: artifact has '0\.0\.1'"):
         ExecutableTable.load(other, smol_model.cfg, "float32", CONFIG, buckets, smol_model.fingerprint)
+
+
+def _damage(artifact: Path, into: Path, how: str) -> tuple[Path, Path]:
+    """A copy of the artifact with one executable truncated or one of its bytes flipped; -> (the
+    copy, the damaged file)."""
+    shutil.copytree(artifact, into)
+    victim = into / "layers_b2_t1_p8.bin"
+    data = victim.read_bytes()
+    victim.write_bytes(
+        data[: len(data) // 2] if how == "truncated" else data[:999] + bytes([data[999] ^ 1]) + data[1000:]
+    )
+    return into, victim
+
+
+@pytest.mark.parametrize("how", ["truncated", "altered"])
+def test_damaged_artifact_is_refused_naming_the_file(artifact, smol_model, tmp_path, how):
+    damaged, victim = _damage(artifact, tmp_path / "damaged", how)
+    with pytest.raises(ArtifactMismatchError, match=re.escape(str(victim))):
+        ExecutableTable.load(
+            damaged, smol_model.cfg, "float32", CONFIG, Buckets.from_config(CONFIG), smol_model.fingerprint
+        )
+    cmd = [sys.executable, "-m", "serving.main", "--port", "0", "--aot-dir", str(damaged), "--compile-cache", "off"]
+    server = subprocess.run([*cmd, *BUCKET_ARGS], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    errors = [line for line in server.stderr.splitlines() if " ERROR " in line]
+    assert server.returncode != 0
+    assert len(errors) == 1 and str(victim) in errors[0], server.stderr[-3000:]
+    assert "Traceback" not in server.stderr
+
+
+def test_manifest_names_no_code(artifact, smol_model, tmp_path):
+    """A manifest edited to name another class for a tree node is refused before anything is
+    imported: only builtin containers and the pytree classes of graph/ and models/ decode."""
+    edited = tmp_path / "edited"
+    shutil.copytree(artifact, edited)
+    manifest = json.loads((edited / "manifest.json").read_text())
+    manifest["executables"]["init_kv"]["out_tree"][0] = "subprocess:Popen"
+    (edited / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactMismatchError, match=r"init_kv\.bin: .*subprocess:Popen"):
+        ExecutableTable.load(
+            edited, smol_model.cfg, "float32", CONFIG, Buckets.from_config(CONFIG), smol_model.fingerprint
+        )
+    for name in ("os:system", "builtins:eval", "graph:__builtins__", "models.nowhere:X", "graph.step:jax.numpy"):
+        with pytest.raises(executable_io.BadExecutableError):
+            executable_io._node_type(name)
+
+
+def test_nothing_that_loads_artifacts_or_weights_unpickles():
+    unpicklers = {"pickle", "_pickle", "cPickle", "cloudpickle", "dill", "joblib", "shelve", "marshal"}
+    unpicklers.add("jax.experimental.serialize_executable")  # jax's executable pickler
+    for path in [*(ROOT / "graph").rglob("*.py"), *(ROOT / "models").rglob("*.py")]:
+        text = path.read_text()
+        imported = set(re.findall(r"^\s*(?:import|from)\s+([\w.]+)", text, re.MULTILINE))
+        assert not imported & unpicklers, path
+        assert "allow_pickle=True" not in text and "torch.load" not in text, path

@@ -108,10 +108,11 @@ def test_second_start_with_a_warm_cache_compiles_nothing(tiny_model, warm, caplo
     assert events["compiles"] == events["hits"]
 
 
-@pytest.mark.parametrize("damage", ["code change", "damaged entries"])
+@pytest.mark.parametrize("damage", ["code change", "truncated entries", "altered entries"])
 def test_start_past_the_executable_store_loads_from_jax_cache(tiny_model, warm, caplog, monkeypatch, request, damage):
-    """The store's key misses after any change to graph/ or models/, and a damaged entry is passed
-    over; jax's cache, keyed by the program itself, then decides, and still compiles nothing."""
+    """The store's key misses after any change to graph/ or models/, and a truncated or altered
+    entry (its payload's checksum) is passed over; jax's cache, keyed by the program itself, then
+    decides, and still compiles nothing."""
     config, tokens = warm
     if damage == "code change":
         monkeypatch.setattr(compile_cache, "source_digest", lambda: "another version of the code")
@@ -119,7 +120,9 @@ def test_start_past_the_executable_store_loads_from_jax_cache(tiny_model, warm, 
         entries = {path: path.read_bytes() for path in (Path(config.compile_cache) / "executables").iterdir()}
         request.addfinalizer(lambda: [path.write_bytes(data) for path, data in entries.items()])
         for path, data in entries.items():
-            path.write_bytes(data[:100])
+            path.write_bytes(
+                data[:100] if damage == "truncated entries" else data[:-50] + bytes([data[-50] ^ 1]) + data[-49:]
+            )
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="graph.executables"):
         events, again = _start(tiny_model, config)
