@@ -1,77 +1,35 @@
-"""Reading `.safetensors` files (single or sharded with `model.safetensors.index.json`).
+"""Reading `.safetensors` files (single or sharded with `model.safetensors.index.json`) with the
+`safetensors` library's numpy API, so torch is never imported.
 
-Parsed by hand (8-byte header length, JSON header, raw little-endian data) over a memory map, so
-bfloat16 works without torch and a corrupt or truncated file is caught with a message naming it.
+bfloat16, which numpy lacks, comes back as `ml_dtypes.bfloat16` arrays (safetensors 0.8.0 maps
+BF16 to it), as the hand-written parser this replaces returned, so loading in float32 and in
+bfloat16 sees the same values. The library checks the header and that the tensors cover the file
+exactly; its errors are turned into a `ModelLoadError` naming the file. Each tensor is read into
+memory of its own (the hand-written parser returned views of a memory map); the loader copies it
+into the parameter tree at once, so one tensor at a time is held twice.
 """
 
 from __future__ import annotations
 
 import json
-import struct
 from collections.abc import Iterator
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
+from safetensors import SafetensorError, safe_open
 
 from models.errors import ModelLoadError
 
-_DTYPES = {
-    "F64": np.float64,
-    "F32": np.float32,
-    "F16": np.float16,
-    "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64,
-    "I32": np.int32,
-    "I16": np.int16,
-    "I8": np.int8,
-    "U8": np.uint8,
-    "BOOL": np.bool_,
-}
 
-
-class SafetensorsFile:
-    """One file: its tensor index, validated against the file size at open."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        try:
-            size = path.stat().st_size
-            with open(path, "rb") as f:
-                head = f.read(8)
-                if len(head) < 8:
-                    raise ValueError("file is shorter than the 8-byte header length")
-                (n,) = struct.unpack("<Q", head)
-                if n > size - 8 or n > 100_000_000:
-                    raise ValueError(f"header length {n} exceeds the file size {size}")
-                header = json.loads(f.read(n))
-        except FileNotFoundError as e:
-            raise ModelLoadError(f"{path}: file not found") from e
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ModelLoadError(f"{path}: not a valid safetensors file ({e})") from e
-        header.pop("__metadata__", None)
-        self._data_start = 8 + n
-        self.tensors: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
-        for name, info in header.items():
-            begin, end = info["data_offsets"]
-            dtype, shape = info["dtype"], tuple(info["shape"])
-            if dtype not in _DTYPES:
-                raise ModelLoadError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
-            if self._data_start + end > size:
-                raise ModelLoadError(
-                    f"{path}: truncated file: tensor {name!r} ends at byte {self._data_start + end} "
-                    f"but the file has {size} bytes"
-                )
-            expected = int(np.prod(shape)) * np.dtype(_DTYPES[dtype]).itemsize
-            if end - begin != expected:
-                raise ModelLoadError(f"{path}: tensor {name!r} has {end - begin} bytes, its shape needs {expected}")
-            self.tensors[name] = (dtype, shape, begin, end)
-        self._map = np.memmap(path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
-
-    def get(self, name: str) -> np.ndarray:
-        dtype, shape, begin, end = self.tensors[name]
-        raw = self._map[self._data_start + begin : self._data_start + end]
-        return raw.view(_DTYPES[dtype]).reshape(shape)
+def _open(path: Path):
+    try:
+        return safe_open(path, framework="numpy")
+    except FileNotFoundError as e:
+        raise ModelLoadError(f"{path}: file not found") from e
+    except SafetensorError as e:
+        if "incomplete metadata" in str(e):  # the header's tensors end before (or after) the file does
+            raise ModelLoadError(f"{path}: truncated file, or bytes past its last tensor ({e})") from e
+        raise ModelLoadError(f"{path}: not a valid safetensors file ({e})") from e
 
 
 def safetensors_files(directory: Path) -> list[Path]:
@@ -94,8 +52,12 @@ def safetensors_files(directory: Path) -> list[Path]:
 
 
 def iter_tensors(files: list[Path]) -> Iterator[tuple[str, np.ndarray, Path]]:
-    """Yield (name, array view, file) for every tensor of every file."""
+    """Yield (name, array, file) for every tensor of every file."""
     for path in files:
-        f = SafetensorsFile(path)
-        for name in f.tensors:
-            yield name, f.get(name), path
+        with _open(path) as f:
+            for name in f.keys():
+                try:
+                    array = f.get_tensor(name)
+                except (SafetensorError, TypeError, ValueError) as e:  # e.g. a dtype numpy cannot hold
+                    raise ModelLoadError(f"{path}: tensor {name!r}: {e}") from e
+                yield name, array, path

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors import safe_open
 
 from models.errors import ModelLoadError
 from models.loader import load_model, resolve
@@ -52,6 +53,20 @@ def test_bfloat16_option(hf_dir):
     np.testing.assert_allclose(
         np.asarray(m16.params["layers"]["down"], np.float32), np.asarray(m32.params["layers"]["down"]), rtol=1e-2
     )
+
+
+def test_bfloat16_checkpoint_reads_exactly(hf_dir, tmp_path):
+    """A checkpoint saved in bfloat16 (numpy has no such type: the safetensors library hands it
+    over as ml_dtypes.bfloat16) loads to exactly torch's values, in float32 and in bfloat16."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.bfloat16)
+    shutil.copytree(hf_dir, tmp_path / "bf16", ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+    model.save_pretrained(tmp_path / "bf16")
+    with safe_open(next((tmp_path / "bf16").glob("*.safetensors")), framework="numpy") as f:
+        assert f.get_slice("model.embed_tokens.weight").get_dtype() == "BF16"
+    expected = model.model.embed_tokens.weight.detach().float().numpy()
+    for dtype in ("float32", "bfloat16"):
+        embed = load_model(str(tmp_path / "bf16"), dtype=dtype).params["embed"]
+        np.testing.assert_array_equal(np.asarray(embed, np.float32), expected)
 
 
 def test_missing_path_names_it():
