@@ -4,7 +4,7 @@
     .venv/bin/python scripts/bench_offline.py --batch 8 --prompt-len 64 --output-len 64 --skip-hf
 
 Both sides run the same dequantized weights (transformers: float32, eager attention, built from our
-GGUF reader's output as in `scripts/generate.py`) on the same random prompt ids, greedy, with
+GGUF reader's output as in tests/hf_reference.py) on the same random prompt ids, greedy, with
 end-of-sequence ignored so every sequence is exactly --output-len tokens long. Each side is timed
 at batch 1 and at --batch, after a warm-up of the same shapes: our compile time (the engine's
 start-up) is reported apart, and the timed runs count the XLA compilations they trigger (should be 0).
@@ -33,7 +33,7 @@ import numpy as np
 from graph.api import EngineConfig, SamplingParams
 from graph.offline import LLM
 from models.loader import DEFAULT_MODEL, LoadedModel, load_model
-from scripts.generate import hf_greedy, hf_reference, load_with_checkpoint
+from tests.hf_reference import hf_greedy, hf_reference, load_with_checkpoint
 
 log = logging.getLogger("bench_offline")
 

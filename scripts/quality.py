@@ -8,38 +8,13 @@ next-token agreement with float32.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repo's packages importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from graph.api import EngineConfig, SamplingParams
-from graph.offline import LLM
-from models.loader import load_model
-
-TEXT = Path(__file__).resolve().parent.parent / "tests" / "data" / "quality_text.txt"
-PATHS = {"float32": {}, "bfloat16": {"dtype": "bfloat16"}, "int8": {"quantize": "int8"}}
-
-
-def score(model_name: str, path: str) -> tuple[float, list[int]]:
-    """(perplexity, top-1 predicted id at every position) of the fixed text on one numeric path."""
-    options = PATHS[path]
-    model = load_model(model_name, options.get("dtype", "float32"))
-    ids = model.tokenizer.encode(TEXT.read_text())
-    seq = -(-(len(ids) + 1) // 256) * 256
-    config = EngineConfig(
-        max_batch=1, max_seq_len=seq, min_prefill_tokens=512, max_prefill_tokens=512, min_context_tokens=seq,
-        kv_pages=seq // 16 + 1, **options,
-    )  # fmt: skip
-    llm = LLM(model, config)
-    try:
-        params = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1)
-        lps = llm.generate([ids], params)[0].prompt_logprobs[1:]
-    finally:
-        llm.shutdown()
-    return math.exp(-sum(lp.logprob for lp in lps) / len(lps)), [lp.top[0][0] for lp in lps]
+from tests.quality_score import PATHS, score
 
 
 def main() -> None:

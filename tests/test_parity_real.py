@@ -4,7 +4,7 @@ SmolLM2-135M-Instruct (Llama architecture, Q4_1) and Gemma 3 270M (Q4_K and othe
 from their GGUF files with `models.loader.load_model`; the reference is a float32 `transformers`
 model (eager attention) built from our GGUF reader's output, so both sides run exactly the same
 dequantized weights (that those equal transformers' own GGUF loading is `tests/test_gguf.py`'s
-job). Both sides decode greedily through a KV cache: ours is `scripts/generate.py`'s loop (one
+job). Both sides decode greedily through a KV cache: ours is tests/forward_loop.py's loop (one
 prefill, then one-token steps on the paged cache), theirs `generate(do_sample=False)`.
 
 That the SmolLM2 chat template renders a multi-turn conversation exactly as transformers does is
@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 from models.loader import LoadedModel
-from scripts.generate import greedy_generate, hf_greedy, hf_reference, load_with_checkpoint, prompt_logits
+from tests.forward_loop import greedy_generate, prompt_logits
+from tests.hf_reference import hf_greedy, hf_reference, load_with_checkpoint
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")

@@ -9,7 +9,7 @@ import functools
 
 import pytest
 
-from scripts.quality import score
+from tests.quality_score import score
 
 MODELS = [
     pytest.param("smollm2-135m-instruct", id="smollm2"),

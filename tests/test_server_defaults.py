@@ -1,7 +1,7 @@
 """Every documented way to start the server works: each bundled model, started exactly as the
 README says (`make serve`, with only `--port 0` added so tests never collide), compiles its default
 bucket set, plans its KV pool, and answers a greedy completion identical to the model's own greedy
-continuation (`scripts/generate.py`, parity-tested against transformers)."""
+continuation (tests/forward_loop.py, parity-tested against transformers)."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def _readme_serve_args(model: str | None) -> list[str]:
 )
 def test_bundled_model_serves_with_default_flags(model, readme_model, tmp_path):
     from models.loader import load_model
-    from scripts.generate import greedy_generate
+    from tests.forward_loop import greedy_generate
 
     proc = start_make_serve([*_readme_serve_args(readme_model), "--port", "0"], tmp_path / "serve.log")
     try:
