@@ -158,12 +158,14 @@ class ExecutableTable:
         buckets: Buckets,
         num_pages: int,
         serializable: bool = False,
+        keys: list[Key] | None = None,
     ) -> ExecutableTable:
-        """Compile every executable of the table, or load it from the compilation cache: from its
-        executable store, else through jax's cache (graph/compile_cache.py). `serializable`: only
-        fresh compilations, which `save` can write (those jax's cache had are compiled again)."""
+        """Compile every executable of the table (or of `keys` only: benchmarks), or load it from
+        the compilation cache: from its executable store, else through jax's cache
+        (graph/compile_cache.py). `serializable`: only fresh compilations, which `save` can write
+        (those jax's cache had are compiled again)."""
         lowering: dict[str, Any] = {}
-        for key in [INIT_KV, *buckets.all_keys()]:
+        for key in [INIT_KV, *(buckets.all_keys() if keys is None else keys)]:
             for n, fn in lowerings(cfg, dtype, config, num_pages, key, config.max_seq_len).items():
                 lowering.setdefault(n, fn)
         store = compile_cache.executable_store(_store_key(cfg, dtype, config, buckets, num_pages))

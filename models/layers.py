@@ -100,8 +100,17 @@ def kv_slots(
 def write_kv(cache: jax.Array, layer: Any, new: jax.Array, slots: tuple[jax.Array, jax.Array]) -> jax.Array:
     """Scatter new [N, K, Dh] into cache [L, K, P, S, Dh] at each token's (page, slot) [N]."""
     pages, offsets = slots
+    if new.shape[0] == 1:
+        # one token would become a dynamic-update-slice, and XLA:CPU then copies the whole pool
+        # around the attention loop that reads it (100x slower at batch 1); a second write, to
+        # scratch page 0, keeps it an in-place scatter
+        new = jnp.concatenate([new, jnp.zeros_like(new)])
+        pages, offsets = jnp.pad(pages, (0, 1)), jnp.pad(offsets, (0, 1))
     # advanced indices around a slice: the indexed view is [N, K, Dh], new's own layout
     return cache.at[layer, :, pages, offsets].set(new.astype(cache.dtype))
+
+
+ATTENTION_BLOCK = 128  # keys per step of the attention loop (tokens)
 
 
 def paged_attention(
@@ -118,30 +127,55 @@ def paged_attention(
 ) -> jax.Array:
     """Causal attention of q [B, T, H, Dh] over the pages of each sequence (already holding
     this step's keys). `window` > 0 limits each query to its last `window` keys; `base` [B, T]
-    (packed rows) is where each query's sequence starts in its row."""
+    (packed rows) is where each query's sequence starts in its row.
+
+    The keys are visited in blocks of `ATTENTION_BLOCK` with an online softmax, in a loop that
+    runs only over the blocks some query can see: the cost follows the step's real context, not
+    the page table's width, and each block's keys stay in cache (on XLA:CPU, 3x faster than one
+    softmax over the whole context at batch 16 and 300 tokens)."""
     B, T, H, Dh = q.shape
     L, K, P, S, _ = kv.k.shape
-    W, G = page_table.shape[1], H // K
-    # one row gather per cache: row (layer, head, page) of the [L*K*P, S, Dh] view
-    rows = (layer * K + jnp.arange(K, dtype=jnp.int32))[:, None, None] * P + page_table[None]  # [K, B, W]
-    k = kv.k.reshape(L * K * P, S, Dh)[rows].reshape(K, B, W * S, Dh)
-    v = kv.v.reshape(L * K * P, S, Dh)[rows].reshape(K, B, W * S, Dh)
-    qg = q.reshape(B, T, K, G, Dh).transpose(2, 0, 1, 3, 4).reshape(K, B, T * G, Dh)  # query r = t*G + g
-    scores = jnp.einsum("kbrd,kbsd->kbrs", qg, k, preferred_element_type=jnp.float32) * scale
-    if softcap:
-        scores = jnp.tanh(scores / softcap) * softcap
-    key_pos = jnp.arange(W * S, dtype=jnp.int32)[None, None, :]  # [1, 1, W*S], row positions
-    if base is None:
-        query_pos = jnp.repeat(positions, G, axis=1)[:, :, None]  # [B, T*G, 1]
-        mask = key_pos <= query_pos
-    else:
-        start = jnp.repeat(base, G, axis=1)[:, :, None]
-        query_pos = jnp.repeat(jnp.where(positions >= 0, positions + base, -1), G, axis=1)[:, :, None]
+    G = H // K
+    bp = max(1, min(ATTENTION_BLOCK // S, page_table.shape[1]))  # pages per block
+    page_table = jnp.pad(page_table, ((0, 0), (0, -page_table.shape[1] % bp)))  # page 0: masked anyway
+    row_pos = positions if base is None else jnp.where(positions >= 0, positions + base, -1)  # [B, T]
+    query_pos = jnp.repeat(row_pos, G, axis=1)[None, :, :, None]  # [1, B, T*G, 1], query r = t*G + g
+    start = 0 if base is None else jnp.repeat(base, G, axis=1)[None, :, :, None]
+    valid = row_pos >= 0
+    lowest = jnp.min(jnp.where(valid, row_pos, jnp.iinfo(jnp.int32).max))
+    first = jnp.where(window > 0, jnp.maximum(lowest - window + 1, 0), 0) // (bp * S)
+    last = jnp.maximum(jnp.max(row_pos) // (bp * S), first)  # at least one block: never 0 / 0
+    qg = q.reshape(B, T, K, G, Dh).transpose(2, 0, 1, 3, 4).reshape(K, B, T * G, Dh)
+    heads = (layer * K + jnp.arange(K, dtype=jnp.int32))[:, None, None] * P  # [K, 1, 1]
+    k_rows, v_rows = kv.k.reshape(L * K * P, S, Dh), kv.v.reshape(L * K * P, S, Dh)
+
+    def block(i, carry):
+        m, total, acc = carry
+        # one row gather per cache: rows (layer, head, page) of the [L*K*P, S, Dh] view
+        rows = heads + jax.lax.dynamic_slice_in_dim(page_table, i * bp, bp, axis=1)[None]  # [K, B, bp]
+        k = k_rows[rows].reshape(K, B, bp * S, Dh)
+        v = v_rows[rows].reshape(K, B, bp * S, Dh)
+        s = jnp.einsum("kbrd,kbsd->kbrs", qg, k, preferred_element_type=jnp.float32) * scale
+        if softcap:
+            s = jnp.tanh(s / softcap) * softcap
+        key_pos = i * bp * S + jnp.arange(bp * S, dtype=jnp.int32)  # row positions
         mask = (key_pos <= query_pos) & (key_pos >= start)
-    mask &= (window <= 0) | (key_pos > query_pos - window)
-    scores = jnp.where(mask[None], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("kbrs,kbsd->kbrd", probs, v)  # [K, B, T*G, Dh]
+        mask &= (window <= 0) | (key_pos > query_pos - window)
+        s = jnp.where(mask, s, _MASKED)
+        m_new = jnp.maximum(m, s.max(axis=-1, keepdims=True))
+        p = jnp.exp(s - m_new)
+        fade = jnp.exp(m - m_new)  # 0 once a row meets its first visible key: what masked blocks added goes
+        total = total * fade + p.sum(axis=-1, keepdims=True)
+        acc = acc * fade + jnp.einsum("kbrs,kbsd->kbrd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return m_new, total, acc
+
+    init = (
+        jnp.full((K, B, T * G, 1), _MASKED, jnp.float32),
+        jnp.zeros((K, B, T * G, 1), jnp.float32),
+        jnp.zeros((K, B, T * G, Dh), jnp.float32),
+    )
+    _, total, acc = jax.lax.fori_loop(first, last + 1, block, init)
+    out = (acc / total).astype(q.dtype)  # [K, B, T*G, Dh]
     return out.reshape(K, B, T, G, Dh).transpose(1, 2, 0, 3, 4).reshape(B, T, H, Dh)
 
 

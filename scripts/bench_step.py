@@ -1,7 +1,9 @@
-"""Time one compiled decode step (and optionally a prefill chunk) of the real engine executables,
-for several weight layouts, in one process: milliseconds per step and decode tokens/s.
+"""Time compiled steps of the real engine executables, for several weight layouts, in one
+process: milliseconds per decode step (and decode tokens/s), and with `--chunk T` per prefill
+chunk of T tokens and per mixed step (the decode batch plus that chunk).
 
     .venv/bin/python scripts/bench_step.py --batch 1 16 --variants unroll unroll:int8 scan
+    .venv/bin/python scripts/bench_step.py --batch 8 --variants layered --chunk 64 256
 
 A variant is `LOOP[:QUANTIZE]`. Every variant runs the same inputs: `--context` tokens already in
 the cache of every row (random pages of a pool sized for the batch), greedy sampling.
@@ -10,7 +12,6 @@ the cache of every row (random pages of a pool sized for the batch), greedy samp
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -25,47 +26,59 @@ from graph.api import EngineConfig, SamplingParams
 from graph.buckets import Buckets
 from graph.executables import ExecutableTable
 from graph.layout import device_weights
+from graph.programs import segments_of
 from graph.sampling import host_arrays
-from graph.step import StepInputs, abstract_inputs
+from graph.step import abstract_inputs, rows_of
 from models.loader import load_model
 
 
-def step_inputs(key, config: EngineConfig, context: int, num_pages: int, rng) -> StepInputs:
-    _, B, T, W = key
-    abstract = abstract_inputs(key, config.max_seq_len)
+def segment_inputs(phase: str, B: int, T: int, W: int, config: EngineConfig, context: int, num_pages: int, rng):
+    """One segment's inputs: every row (or, for a chunk, its one prompt) at `context` tokens on."""
+    abstract = abstract_inputs((phase, B, T, W), config.max_seq_len)
     arrays = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
+    R = rows_of(phase, B)
     pages = rng.permutation(np.arange(1, num_pages))[: B * W].reshape(B, W).astype(np.int32)
     positions = np.full((B, T), context, np.int32) + np.arange(T, dtype=np.int32)
-    rows = [(SamplingParams(temperature=0), 0, ())] * B
+    last = np.arange(B, dtype=np.int32) * T + T - 1 if phase == "decode" else np.full(R, T - 1, np.int32)
     return arrays._replace(
         tokens=rng.integers(0, 1000, (B, T)).astype(np.int32),
         positions=positions,
         page_table=pages,
-        last_index=np.full(B, T - 1, np.int32),
-        sampling=host_arrays(rows, B),
-        history=np.full((B, config.max_seq_len), -1, np.int32),
+        last_index=last,
+        sampling=host_arrays([(SamplingParams(temperature=0), 0, ())] * R, R),
+        history=np.full((R, config.max_seq_len), -1, np.int32),
     )
 
 
-def time_variant(model, variant: str, batches: list[int], args) -> None:
+def keys_for(batches: list[int], chunks: list[int], W: int) -> list[tuple]:
+    return [
+        *(("decode", B, 1, W) for B in batches),
+        *(("prefill", 1, T, W) for T in chunks),
+        *(("mixed", B, T, W) for B in batches for T in chunks),
+    ]
+
+
+def time_variant(model, variant: str, args) -> None:
     loop, _, quantize = variant.partition(":")
     config = EngineConfig(
-        max_batch=max(batches), max_seq_len=args.max_seq_len, layer_loop=loop, quantize=quantize or "none",
+        max_batch=max(args.batch), max_seq_len=args.max_seq_len, layer_loop=loop, quantize=quantize or "none",
         dtype=model.dtype,
     )  # fmt: skip
     buckets = Buckets.from_config(config)
-    W = buckets.context_for(args.context + 1)
-    num_pages = max(batches) * W + 1
+    W = buckets.context_for(max(args.context + max([1, *args.chunk]), args.width))
+    num_pages = max(args.batch) * W + W + 1
     weights = device_weights(model.params, model.cfg, config)
     rng = np.random.default_rng(0)
-    only = dataclasses.replace(buckets, prefill_tokens=(), decode_batch=tuple(batches), context_pages=(W,))
+    keys = keys_for(args.batch, args.chunk, W)
     started = time.perf_counter()
-    table = ExecutableTable.compile(model.cfg, model.dtype, config, only, num_pages)
+    table = ExecutableTable.compile(model.cfg, model.dtype, config, buckets, num_pages, keys=keys)
     print(f"{variant:>14} compiled {len(table.executables)} executables in {time.perf_counter() - started:.1f}s")
-    for B in batches:
-        key = ("decode", B, 1, W)
+    for key in keys:
         compiled, kv = table.get(key), table.init_kv()
-        inputs = jax.device_put((step_inputs(key, config, args.context, num_pages, rng),))
+        inputs = tuple(
+            segment_inputs(phase, B, T, W, config, args.context, num_pages, rng) for phase, B, T in segments_of(key)
+        )
+        inputs = jax.device_put(inputs)
         for _ in range(3):
             kv, out = compiled(weights, kv, inputs)
         jax.block_until_ready(out)
@@ -76,8 +89,12 @@ def time_variant(model, variant: str, batches: list[int], args) -> None:
             jax.block_until_ready(out)
             times.append(time.perf_counter() - t0)
         ms = 1000 * float(np.median(times))
+        phase, B, T, _ = key
+        rate = (
+            f"{B / ms * 1000:7.1f} decode tokens/s" if phase != "prefill" else f"{T / ms * 1000:7.1f} prompt tokens/s"
+        )
         print(
-            f"{variant:>14} batch {B:3d} ctx {W * 16:5d}: {ms:7.1f} ms/step  {B / ms * 1000:7.1f} tokens/s", flush=True
+            f"{variant:>14} {phase:>7} batch {B:3d} chunk {T:4d} ctx {W * 16:5d}: {ms:7.1f} ms/step  {rate}", flush=True
         )
 
 
@@ -90,10 +107,12 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=200, help="tokens already in each row's cache")
     parser.add_argument("--max-seq-len", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--width", type=int, default=0, help="page-table width in tokens, at least (a context bucket)")
+    parser.add_argument("--chunk", type=int, nargs="*", default=[], help="prefill chunk sizes (and mixed steps)")
     args = parser.parse_args()
     model = load_model(args.model, args.dtype)
     for variant in args.variants:
-        time_variant(model, variant, args.batch, args)
+        time_variant(model, variant, args)
 
 
 if __name__ == "__main__":
