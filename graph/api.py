@@ -48,7 +48,9 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None  # tokens per step: batch + prompt chunk (none: chunks of 64; 0: off)
     enable_prefix_caching: bool = True  # reuse the KV pages of prompt prefixes seen before (LRU-evicted)
     min_prefill_tokens: int = 16  # smallest prefill bucket
-    min_context_tokens: int = 256  # smallest decode context bucket
+    # smallest context bucket (page-table width); None: one bucket, the whole context. Attention
+    # loops over only the keys a step can see, so narrower tables save little on CPU
+    min_context_tokens: int | None = None
     kv_memory_gb: float | None = None  # KV pool size; default: a fraction of device memory
     kv_pages: int | None = None  # fixed number of KV pages (overrides the memory budget)
     kv_memory_fraction: float = 0.8  # of what device memory the executables leave free (GPU/TPU)

@@ -48,7 +48,10 @@ class Buckets:
             raise ValueError(f"max_seq_len {c.max_seq_len} must be a multiple of page_size {c.page_size}")
         max_pages = c.max_seq_len // c.page_size
         max_chunk = min(c.max_prefill_tokens, c.max_seq_len)
-        min_pages = min(max(1, c.min_context_tokens // c.page_size), max_pages)
+        if c.min_context_tokens is None:  # one bucket: the whole context
+            min_pages = max_pages
+        else:
+            min_pages = min(max(1, c.min_context_tokens // c.page_size), max_pages)
         prefill_tokens = powers_of_two(min(c.min_prefill_tokens, max_chunk), max_chunk)
         if c.max_batch == 1:  # one sequence is either prefilling or decoding: never both
             mixed = 0

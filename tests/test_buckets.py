@@ -62,7 +62,7 @@ def test_from_config_defaults():
     b = Buckets.from_config(EngineConfig())
     assert b.prefill_tokens == (16, 32, 64, 128, 256, 512)
     assert b.decode_batch == (1, 2, 4, 8, 16)
-    assert b.context_pages == (16, 32, 64, 128)
+    assert b.context_pages == (128,)  # one: attention costs what a step's context holds, not its bucket
     assert b.max_pages == 128
 
 
@@ -72,7 +72,7 @@ def test_from_config_caps_prefill_chunks_and_minima_at_the_context_length():
     )
     assert b.prefill_tokens == (16,)  # chunks never exceed max_seq_len, and the minimum follows
     assert b.decode_batch == (1,)
-    assert b.context_pages == (2,)  # min_context_tokens 256 > max_seq_len: the only bucket is the whole context
+    assert b.context_pages == (2,)  # by default the only bucket is the whole context
 
 
 def test_from_config_min_context_below_one_page_is_one_page():
