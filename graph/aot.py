@@ -15,7 +15,7 @@ import logging
 import time
 
 from graph import compile_cache
-from graph.api import EngineConfig
+from graph.api import DTYPES, EngineConfig
 from graph.buckets import Buckets
 from graph.cli import add_options, build
 from graph.executables import ExecutableTable
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m graph.aot") -> No
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="alias, Hugging Face directory, .gguf file or hub id")
     parser.add_argument("--out", required=True, help="artifact directory to write")
-    add_options(parser, EngineConfig, skip=("aot_dir",), choices={"dtype": ("float32", "bfloat16")})
+    add_options(parser, EngineConfig, skip=("aot_dir",), choices={"dtype": tuple(DTYPES)})
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = build(EngineConfig, vars(args))

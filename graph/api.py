@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 
+from models.params import DTYPES
+
 MAX_TOP_LOGPROBS = 20
+MAX_SEED = 2**32 - 1  # sampling keys come from 32-bit seeds (graph/sampling.py)
 LAYER_LOOPS = ("auto", "scan", "unroll", "layered")  # see graph/programs.py
 
 
@@ -24,7 +27,16 @@ class QueueFullError(EngineError):
         self.retry_after = retry_after
 
 
-class RequestTooLargeError(EngineError):
+class InvalidRequestError(EngineError, ValueError):
+    """A request the engine cannot serve as given (HTTP 400). `param` names the `SamplingParams`
+    field at fault, or is None when the prompt is."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class RequestTooLargeError(InvalidRequestError):
     """Prompt plus max_tokens do not fit in the context (HTTP 400)."""
 
 
@@ -35,6 +47,11 @@ class EngineStoppedError(EngineError):
 class EngineBrokenError(EngineStoppedError):
     """The engine cannot run steps any more, e.g. its KV pool could not be rebuilt after a failed
     step (HTTP 503)."""
+
+
+class ArtifactMismatchError(RuntimeError):
+    """An AOT artifact directory made for another model, bucket set, dtype, backend or jax, or
+    one with a missing, damaged or altered file, or options that would change its KV pool."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +68,8 @@ class EngineConfig:
     # smallest context bucket (page-table width); None: one bucket, the whole context. Attention
     # loops over only the keys a step can see, so narrower tables save little on CPU
     min_context_tokens: int | None = None
-    kv_memory_gb: float | None = None  # KV pool size; default: a fraction of device memory
-    kv_pages: int | None = None  # fixed number of KV pages (overrides the memory budget)
+    kv_memory_gb: float | None = None  # KV pool size; default: a fraction of device memory (not with --aot-dir)
+    kv_pages: int | None = None  # fixed number of KV pages (overrides the memory budget; --aot-dir: the artifact's)
     kv_memory_fraction: float = 0.8  # of what device memory the executables leave free (GPU/TPU)
     max_queue: int = 256  # waiting requests beyond this get QueueFullError
     # 60 s: a reverse proxy's default read timeout (nginx, AWS ALB) would cut a request that waits
@@ -67,8 +84,8 @@ class EngineConfig:
     debug_fail_step: int = 0  # testing: step number N raises after its call, as a device error would (0: never)
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype must be float32 or bfloat16, not {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if self.layer_loop not in LAYER_LOOPS:
             raise ValueError(f"layer_loop must be one of {', '.join(LAYER_LOOPS)}, not {self.layer_loop!r}")
         if self.quantize not in ("none", "int8"):

@@ -42,9 +42,11 @@ import jax
 
 from graph import compile_cache
 from graph.api import (
+    MAX_SEED,
     EngineBrokenError,
     EngineConfig,
     EngineStoppedError,
+    InvalidRequestError,
     QueueFullError,
     RequestOutput,
     RequestTooLargeError,
@@ -56,10 +58,12 @@ from graph.executables import ExecutableTable
 from graph.kv_cache import PageAllocator, kv_bytes_per_page, plan_num_pages
 from graph.layout import device_weights
 from graph.outputs import OutputProcessor
+from graph.sampling import MAX_LOGIT_BIAS
 from graph.scheduler import Decode, Mixed, Prefill, Scheduler, Sequence
 from graph.shedding import Queue, WaitEstimator
 from graph.step import PACKED_ROWS
 from models.loader import LoadedModel
+from models.tokenizer import Tokenizer
 
 log = logging.getLogger("graph.engine")
 
@@ -106,7 +110,6 @@ class Engine:
         self.config = config
         self.table = table
         self.buckets = table.buckets
-        self.max_seq_len = config.max_seq_len
         self.system_fingerprint = f"fp_{model.fingerprint[:10]}"
         self.allocator = PageAllocator(table.num_pages, caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(
@@ -167,13 +170,31 @@ class Engine:
 
     # ---- the async front ----
 
+    @property
+    def model_name(self) -> str:
+        return self.model.name
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.model.tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids run from 0 to vocab_size - 1 (the model's logits, added tokens included)."""
+        return self.model.cfg.vocab_size
+
+    @property
+    def max_seq_len(self) -> int:
+        """Context length of one request: prompt plus max_tokens."""
+        return self.config.max_seq_len
+
     def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> RequestStream:
         """Queue a request; raises before anything is queued if it cannot be served."""
         self._validate(prompt_ids, params)
         request_id = request_id or uuid.uuid4().hex
         stream = RequestStream(self, request_id, asyncio.get_running_loop())
         seed = params.seed if params.seed is not None else secrets.randbits(32)
-        seq = Sequence(request_id, list(prompt_ids), params, seed & 0xFFFFFFFF)
+        seq = Sequence(request_id, list(prompt_ids), params, seed)
         with self._lock:
             if not self._accepting:
                 raise EngineStoppedError("the server is shutting down")
@@ -209,16 +230,37 @@ class Engine:
             )
 
     def _validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Every rule a request must meet that needs the model or the engine's limits: serving
+        maps these errors to HTTP 400s and checks none of them itself."""
         if not prompt_ids:
-            raise ValueError("the prompt is empty")
-        vocab = self.model.cfg.vocab_size
+            raise InvalidRequestError("The prompt is empty: it must contain at least one token")
+        vocab = self.vocab_size
         if any(not 0 <= t < vocab for t in prompt_ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+            raise InvalidRequestError(f"The prompt holds a token id outside the vocabulary (0..{vocab - 1})")
+        if len(params.logit_bias) > MAX_LOGIT_BIAS:
+            raise InvalidRequestError(
+                f"'logit_bias' has {len(params.logit_bias)} entries; this server takes at most {MAX_LOGIT_BIAS}",
+                "logit_bias",
+            )
+        for token_id, _ in params.logit_bias:
+            if not 0 <= token_id < vocab:
+                raise InvalidRequestError(
+                    f"'logit_bias' names token {token_id}, outside the vocabulary (0..{vocab - 1})", "logit_bias"
+                )
+        if params.min_tokens > params.max_tokens:
+            raise InvalidRequestError(
+                f"'min_tokens' ({params.min_tokens}) is larger than max_tokens ({params.max_tokens})", "min_tokens"
+            )
+        # A seed is used whole or refused: the sampler's keys take 32 bits, and folding a larger
+        # seed into them would give two different seeds the same stream.
+        if params.seed is not None and not 0 <= params.seed <= MAX_SEED:
+            raise InvalidRequestError(f"'seed' must be between 0 and {MAX_SEED} (32 bits), not {params.seed}", "seed")
         total = len(prompt_ids) + params.max_tokens
         if total > self.max_seq_len:
             raise RequestTooLargeError(
-                f"this model's maximum context length is {self.max_seq_len} tokens; the request has "
-                f"{len(prompt_ids)} prompt tokens plus max_tokens {params.max_tokens} = {total}"
+                f"This model's maximum context length is {self.max_seq_len} tokens. However, you requested "
+                f"{total} tokens ({len(prompt_ids)} in the prompt, {params.max_tokens} in the completion). "
+                "Please reduce the length of the prompt or completion."
             )
 
     @property

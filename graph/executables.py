@@ -29,7 +29,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from graph import compile_cache, executable_io
-from graph.api import EngineConfig
+from graph.api import ArtifactMismatchError, EngineConfig
 from graph.buckets import Buckets
 from graph.layout import layer_loop
 from graph.programs import INIT_KV, Key, StepProgram, lowerings, segments_of, unit_names
@@ -266,9 +266,25 @@ class ExecutableTable:
                 f"{directory / MANIFEST}: no executable descriptions (made by an older version?): make it again "
                 "with python -m graph.aot"
             )
+        _check_pool(directory, config, num_pages)
         executables = {n: _load_one(directory / f"{n}.bin", descriptions.get(n)) for n in names}
         log.info("loaded %d executables from %s in %.1fs", len(names), directory, time.monotonic() - started)
         return cls(cfg, dtype, config, buckets, num_pages, executables, {n: memory.get(n, {}) for n in names})
+
+
+def _check_pool(directory: Path, config: EngineConfig, num_pages: int) -> None:
+    """The pool's page count is a shape of the artifact's executables: `--kv-pages` must be the
+    artifact's own, and `--kv-memory-gb` (a budget to size a new pool from) has nothing to size."""
+    if config.kv_pages is not None and config.kv_pages != num_pages:
+        raise ArtifactMismatchError(
+            f"{directory}: the artifact's KV pool has {num_pages} pages, fixed when it was compiled, not "
+            f"--kv-pages {config.kv_pages}: leave --kv-pages out, or compile the artifact with it"
+        )
+    if config.kv_pages is None and config.kv_memory_gb is not None:
+        raise ArtifactMismatchError(
+            f"{directory}: --kv-memory-gb cannot resize the artifact's KV pool ({num_pages} pages, fixed when it "
+            "was compiled): leave it out, or pass it to python -m graph.aot"
+        )
 
 
 def _load_one(path: Path, description: Any) -> Any:
@@ -349,11 +365,6 @@ def identity(fingerprint: str, dtype: str, config: EngineConfig, buckets: Bucket
         "quantize": config.quantize,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
-
-
-class ArtifactMismatchError(RuntimeError):
-    """An AOT artifact directory made for another model, bucket set, dtype, backend or jax, or
-    one with a missing, damaged or altered file."""
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:

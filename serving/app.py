@@ -11,6 +11,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -21,10 +22,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serving.chat import create_chat_completion
-from serving.completion import create_completion
+from serving.chat import ChatReply
+from serving.completion import CompletionReply
 from serving.errors import APIError, from_param_error, from_validation_error
-from serving.generation import ClientDisconnected
+from serving.handler import Reply, handle
 from serving.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, ParamError
 from serving.state import ServerState
 
@@ -32,7 +33,7 @@ log = logging.getLogger("serving.app")
 M = TypeVar("M", bound=BaseModel)
 
 ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
-CLIENT_CLOSED = 499  # as nginx logs it: the client left before the answer
+Endpoint = Callable[[Request], Awaitable[Response]]
 
 
 async def read_json(request: Request, limit: int) -> Any:
@@ -76,20 +77,14 @@ async def _body_request(request: Request, model: type[M]) -> tuple[ServerState, 
     return state, req
 
 
-async def chat_completions(request: Request) -> Response:
-    state, req = await _body_request(request, ChatCompletionRequest)
-    try:
-        return await create_chat_completion(request, state, req)
-    except ClientDisconnected:
-        return Response(status_code=CLIENT_CLOSED)
+def generation_route(model: type[ChatCompletionRequest | CompletionRequest], reply: type[Reply]) -> Endpoint:
+    """The endpoint of a generation route: its request schema, then the handler both routes share."""
 
+    async def endpoint(request: Request) -> Response:
+        state, req = await _body_request(request, model)
+        return await handle(request, state, reply, req)
 
-async def completions(request: Request) -> Response:
-    state, req = await _body_request(request, CompletionRequest)
-    try:
-        return await create_completion(request, state, req)
-    except ClientDisconnected:
-        return Response(status_code=CLIENT_CLOSED)
+    return endpoint
 
 
 def _card(state: ServerState) -> ModelCard:
@@ -144,13 +139,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error.response()
 
 
-async def _internal_error(request: Request, exc: Exception) -> Response:
-    log.exception("internal error on %s %s", request.method, request.url.path, exc_info=exc)
-    return APIError(500, f"Internal server error: {type(exc).__name__}").response()
-
-
 class GuardMiddleware:
-    """API key, declared body size, and the request counter, in front of the routes."""
+    """API key, declared body size, and the request counter, in front of the routes; and the 500
+    of an unexpected exception, with its trace in the log. (Starlette's own handler for those
+    re-raises after answering, and uvicorn then drops the keep-alive connection the client may
+    already be sending its next request on.)"""
 
     def __init__(self, app: ASGIApp, state: ServerState) -> None:
         self.app = app
@@ -162,7 +155,7 @@ class GuardMiddleware:
             return
         path = scope["path"]
         route = next((r for r in ROUTES if path == r or path.startswith(r + "/")), "other")
-        status = [500]
+        status: list[int | None] = [None]  # once the response has started
 
         async def counting_send(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -175,8 +168,15 @@ class GuardMiddleware:
                 await refusal.response()(scope, receive, counting_send)
             else:
                 await self.app(scope, receive, counting_send)
+        except Exception as exc:
+            if status[0] is not None:  # too late for an error answer: uvicorn ends the connection
+                raise
+            log.exception("internal error on %s %s", scope["method"], path)
+            await APIError(500, f"Internal server error: {type(exc).__name__}").response()(
+                scope, receive, counting_send
+            )
         finally:
-            self.state.metrics.requests.labels(route=route, status=str(status[0])).inc()
+            self.state.metrics.requests.labels(route=route, status=str(status[0] or 500)).inc()
 
     def _refusal(self, scope: Scope) -> APIError | None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
@@ -200,14 +200,14 @@ class GuardMiddleware:
 
 def build_app(state: ServerState) -> Starlette:
     routes = [
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/chat/completions", generation_route(ChatCompletionRequest, ChatReply), methods=["POST"]),
+        Route("/v1/completions", generation_route(CompletionRequest, CompletionReply), methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
-    handlers = {APIError: _api_error, HTTPException: _http_error, Exception: _internal_error}
+    handlers = {APIError: _api_error, HTTPException: _http_error}
     app = Starlette(routes=routes, exception_handlers=handlers)  # type: ignore[arg-type]
     app.state.server = state
     app.add_middleware(GuardMiddleware, state=state)

@@ -2,29 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
-import logging
-import uuid
-from collections.abc import AsyncIterator, Iterator
-from typing import TYPE_CHECKING
-
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from collections.abc import Iterator
 
 from graph.api import RequestOutput
-from models.tokenizer import NoChatTemplateError, Tokenizer
+from models.tokenizer import ChatTemplateError, NoChatTemplateError, Tokenizer
 from serving.errors import bad_request
-from serving.generation import (
-    SSE_HEADERS,
-    Generation,
-    choice_params,
-    context_check,
-    finish_error,
-    sampling_params,
-    sse_frame,
-    sse_stream,
-    until_disconnect,
-)
+from serving.generation import sse_frame
+from serving.handler import Part, Reply
 from serving.logprobs import chat_logprobs
 from serving.protocol import (
     ChatChoice,
@@ -37,14 +21,7 @@ from serving.protocol import (
     ChatResponseMessage,
     DeltaMessage,
     UsageInfo,
-    now,
 )
-from serving.state import ServerState
-
-if TYPE_CHECKING:
-    from graph.engine import Engine
-
-log = logging.getLogger("serving.chat")
 
 _NO_TEMPLATE = (
     "This model has no chat template, so it cannot serve /v1/chat/completions. "
@@ -53,9 +30,9 @@ _NO_TEMPLATE = (
 
 
 def render_prompt(tokenizer: Tokenizer, messages: list[ChatMessage]) -> list[int]:
-    """Messages -> the model's chat template -> token ids (the template adds any special tokens)."""
-    if not tokenizer.has_chat_template:
-        raise bad_request(_NO_TEMPLATE, "messages", "no_chat_template")
+    """Messages -> the model's chat template -> token ids (the template adds any special tokens).
+    Only the template's own refusal is the client's fault (400); anything else it raises is a bug
+    of ours or of the template, and reaches the app's 500 handler, which logs its trace."""
     turns = []
     for m in messages:
         # Chat templates know `system`; `developer` is OpenAI's newer name for the same turn.
@@ -64,109 +41,62 @@ def render_prompt(tokenizer: Tokenizer, messages: list[ChatMessage]) -> list[int
             turn["name"] = m.name
         turns.append(turn)
     try:
-        text = tokenizer.apply_chat_template(turns, add_generation_prompt=True)
+        return tokenizer.encode_chat(turns, add_generation_prompt=True)
     except NoChatTemplateError as e:
         raise bad_request(_NO_TEMPLATE, "messages", "no_chat_template") from e
-    except Exception as e:  # the template itself refuses (e.g. "roles must alternate")
-        raise bad_request(f"The model's chat template rejected the messages: {e}", "messages") from e
-    return tokenizer.encode(text, add_special_tokens=False)
+    except ChatTemplateError as e:  # the template itself refuses (e.g. "roles must alternate")
+        raise bad_request(f"The model's chat template rejected the messages: {e.__cause__ or e}", "messages") from e
 
 
-@dataclasses.dataclass
-class _Chat:
-    """One validated chat request, ready to submit."""
-
+class ChatReply(Reply):
+    id_prefix = "chatcmpl"
+    prompt_param = "messages"
     req: ChatCompletionRequest
-    request_id: str
-    created: int
-    model: str
-    fingerprint: str
-
-    def chunk(self, choices: list[ChatChunkChoice], usage: UsageInfo | None = None) -> bytes:
-        chunk = ChatCompletionChunk(
-            id=self.request_id,
-            created=self.created,
-            model=self.model,
-            choices=choices,
-            system_fingerprint=self.fingerprint,
-            usage=usage,
-        )
-        return sse_frame(chunk, exclude=None if self.include_usage else {"usage"})
 
     @property
-    def include_usage(self) -> bool:
-        return bool(self.req.stream_options and self.req.stream_options.include_usage)
+    def user(self) -> str | None:
+        return self.req.user or self.req.safety_identifier
 
+    def prompts(self) -> list[list[int]]:
+        return [render_prompt(self.engine.tokenizer, self.req.messages)]
 
-def _prepare(state: ServerState, engine: Engine, req: ChatCompletionRequest) -> tuple[_Chat, Generation]:
-    state.check_model(req.model)
-    prompt = render_prompt(engine.model.tokenizer, req.messages)
-    max_tokens = req.max_new_tokens()
-    if max_tokens is None:  # as OpenAI: up to the end of the context
-        max_tokens = max(1, engine.max_seq_len - len(prompt))
-    context_check(engine, len(prompt), max_tokens, "the messages", "messages")
-    if req.min_tokens and req.min_tokens > max_tokens:
-        raise bad_request(f"'min_tokens' ({req.min_tokens}) is larger than max_tokens ({max_tokens})", "min_tokens")
-    logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    base = sampling_params(req, engine, max_tokens=max_tokens, logprobs=logprobs)
-    params = choice_params(base, req.n or 1, state.config.max_n)
-    chat = _Chat(req, f"chatcmpl-{uuid.uuid4().hex}", now(), state.model_name, engine.system_fingerprint)
-    gen = Generation(engine, state.metrics, chat.request_id)
-    gen.submit([prompt], params, "messages")
-    log.debug(
-        "%s: %d prompt tokens, n=%d, user=%s",
-        chat.request_id,
-        len(prompt),
-        len(params),
-        req.user or req.safety_identifier,
-    )
-    return chat, gen
+    def max_tokens(self, prompts: list[list[int]]) -> int:
+        max_tokens = self.req.max_new_tokens()
+        if max_tokens is None:  # as OpenAI: up to the end of the context
+            return max(1, self.engine.max_seq_len - len(prompts[0]))
+        return max_tokens
 
+    def logprobs(self) -> tuple[int | None, int | None]:
+        return (self.req.top_logprobs or 0) if self.req.logprobs else None, None
 
-async def create_chat_completion(request: Request, state: ServerState, req: ChatCompletionRequest) -> Response:
-    engine = state.ready_engine()
-    chat, gen = _prepare(state, engine, req)
-    if req.stream:
-        return StreamingResponse(_stream(chat, gen, state), media_type="text/event-stream", headers=SSE_HEADERS)
-    try:
-        results = await until_disconnect(request, gen.collect())
-    finally:
-        await gen.close()
-    choices = []
-    for index, result in enumerate(results):
-        if (error := finish_error(result.finish_reason, result.error)) is not None:
-            raise error
+    def part(self, index: int, out: RequestOutput) -> Part:
+        logprobs = chat_logprobs(self.token_texts, out.logprobs or ()) if self.req.logprobs else None
+        return Part(out.text, logprobs, out.finish_reason)
+
+    def frames(self, index: int, part: Part) -> Iterator[bytes]:
+        """A content delta, then (on the last part) a finish chunk with an empty delta."""
+        if part.text or part.logprobs:
+            logprobs = ChatChoiceLogprobs(content=part.logprobs) if part.logprobs is not None else None
+            yield self.chunk([ChatChunkChoice(index=index, delta=DeltaMessage(content=part.text), logprobs=logprobs)])
+        if part.finish_reason is not None:
+            yield self.chunk([ChatChunkChoice(index=index, delta=DeltaMessage(), finish_reason=part.finish_reason)])
+
+    def head(self, n_choices: int) -> list[bytes]:
+        """A role delta per choice."""
+        role = DeltaMessage(role="assistant", content="")
+        return [self.chunk([ChatChunkChoice(index=i, delta=role)]) for i in range(n_choices)]
+
+    def choice(self, index: int, parts: list[Part]) -> ChatChoice:
         logprobs = None
-        if req.logprobs:
-            logprobs = ChatChoiceLogprobs(content=chat_logprobs(state.token_texts, result.logprobs))
-        message = ChatResponseMessage(content="".join(result.text))
-        choices.append(ChatChoice(index=index, message=message, logprobs=logprobs, finish_reason=result.finish_reason))
-    response = ChatCompletionResponse(
-        id=chat.request_id,
-        created=chat.created,
-        model=chat.model,
-        choices=choices,
-        usage=gen.usage(),
-        system_fingerprint=chat.fingerprint,
-    )
-    return JSONResponse(response.model_dump(mode="json"))
+        if self.req.logprobs:
+            logprobs = ChatChoiceLogprobs(content=[entry for p in parts for entry in p.logprobs])
+        message = ChatResponseMessage(content="".join(p.text for p in parts))
+        return ChatChoice(index=index, message=message, logprobs=logprobs, finish_reason=parts[-1].finish_reason)
 
+    def response(self, choices: list[ChatChoice], usage: UsageInfo) -> ChatCompletionResponse:
+        return ChatCompletionResponse(**self.envelope(), choices=choices, usage=usage)
 
-def _stream(chat: _Chat, gen: Generation, state: ServerState) -> AsyncIterator[bytes]:
-    """Role deltas, then content deltas as they come, a finish chunk per choice, usage, [DONE]."""
-
-    def frames(index: int, out: RequestOutput) -> Iterator[bytes]:
-        if out.text or out.logprobs:
-            logprobs = None
-            if chat.req.logprobs:
-                logprobs = ChatChoiceLogprobs(content=chat_logprobs(state.token_texts, out.logprobs or ()))
-            yield chat.chunk([ChatChunkChoice(index=index, delta=DeltaMessage(content=out.text), logprobs=logprobs)])
-        if out.finish_reason is not None:
-            yield chat.chunk([ChatChunkChoice(index=index, delta=DeltaMessage(), finish_reason=out.finish_reason)])
-
-    roles = [
-        chat.chunk([ChatChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
-        for i in range(gen.n_choices)
-    ]
-    usage = lambda: [chat.chunk([], usage=gen.usage())] if chat.include_usage else []
-    return sse_stream(gen, chat.request_id, frames, head=roles, tail=usage)
+    def chunk(self, choices: list[ChatChunkChoice], usage: UsageInfo | None = None) -> bytes:
+        chunk = ChatCompletionChunk(**self.envelope(), choices=choices, usage=usage)
+        # With include_usage every chunk has `usage` (null but in the last one), as OpenAI sends it.
+        return sse_frame(chunk, exclude=None if self.include_usage else {"usage"})

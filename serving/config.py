@@ -13,11 +13,10 @@ import argparse
 import dataclasses
 from collections.abc import Sequence
 
-from graph.api import EngineConfig
+from graph.api import DTYPES, EngineConfig
 from graph.cli import add_options, build
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
-DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +49,7 @@ def build_parser(prog: str = "python -m serving.main") -> argparse.ArgumentParse
         prog=prog,
         description="Serve a model over the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models).",
     )
-    add_options(parser, ServerConfig, choices={"log_level": LOG_LEVELS, "dtype": DTYPES})
+    add_options(parser, ServerConfig, choices={"log_level": LOG_LEVELS, "dtype": tuple(DTYPES)})
     return parser
 
 

@@ -9,7 +9,14 @@ from typing import Any
 from pydantic import ValidationError
 from starlette.responses import JSONResponse
 
-from graph.api import EngineBrokenError, EngineStoppedError, QueueFullError, RequestTooLargeError
+from graph.api import (
+    EngineBrokenError,
+    EngineError,
+    EngineStoppedError,
+    InvalidRequestError,
+    QueueFullError,
+    RequestTooLargeError,
+)
 from serving.protocol import ErrorInfo, ErrorResponse, ParamError
 
 _TYPES = {
@@ -126,8 +133,8 @@ def from_param_error(error: ParamError) -> APIError:
     return bad_request(error.message, error.param, "invalid_value")
 
 
-def from_engine_error(error: Exception, param: str | None = None) -> APIError:
-    """Errors of `Engine.submit` -> their HTTP answer."""
+def from_engine_error(error: EngineError, param: str | None = None) -> APIError:
+    """Errors of `Engine.submit` -> their HTTP answer; `param` names the prompt (messages | prompt)."""
     if isinstance(error, QueueFullError):
         retry = str(max(1, math.ceil(error.retry_after)))
         return APIError(
@@ -135,10 +142,10 @@ def from_engine_error(error: Exception, param: str | None = None) -> APIError:
         )
     if isinstance(error, RequestTooLargeError):
         return bad_request(str(error), param, "context_length_exceeded")
+    if isinstance(error, InvalidRequestError):
+        return bad_request(str(error), error.param or param, "invalid_value")
     if isinstance(error, EngineBrokenError):
         return engine_unavailable(str(error))
     if isinstance(error, EngineStoppedError):
         return APIError(503, "The server is shutting down and takes no new requests.", code="shutting_down")
-    if isinstance(error, ValueError):
-        return bad_request(str(error), param, "invalid_value")
     return APIError(500, f"Internal error: {type(error).__name__}: {error}")

@@ -1,4 +1,5 @@
-"""From a validated request to engine requests and back: the part both routes share.
+"""The engine side of both generation routes: their choices as engine requests, and SSE framing
+(serving/handler.py is the handler both routes share, over these).
 
 One HTTP request becomes one engine request per choice (`n` per prompt). `Generation` submits
 them together (all or none), reads their deltas as one stream tagged with the choice index,
@@ -9,7 +10,6 @@ client that goes away closes it, so its pages are freed at the engine's next ste
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import time
@@ -20,10 +20,10 @@ import anyio
 from pydantic import BaseModel
 from starlette.requests import Request
 
-from graph.api import EngineError, QueueFullError, RequestOutput, SamplingParams, TokenLogprob
-from serving.errors import APIError, bad_request, from_engine_error
+from graph.api import EngineError, QueueFullError, RequestOutput, SamplingParams
+from serving.errors import APIError, from_engine_error
 from serving.metrics import Metrics
-from serving.protocol import ChatCompletionRequest, CompletionRequest, PromptTokensDetails, UsageInfo
+from serving.protocol import PromptTokensDetails, UsageInfo
 
 if TYPE_CHECKING:
     from graph.engine import Engine
@@ -41,83 +41,6 @@ def sse_frame(payload: BaseModel, exclude: set[str] | None = None) -> bytes:
 
 def error_frame(error: APIError) -> bytes:
     return b"data: " + json.dumps(error.body()).encode() + b"\n\n"
-
-
-def context_check(engine: Engine, prompt_len: int, max_tokens: int, what: str, param: str) -> None:
-    """400 when the prompt plus max_tokens do not fit in the context (checked before submitting)."""
-    limit = engine.max_seq_len
-    if prompt_len + max_tokens > limit:
-        raise bad_request(
-            f"This model's maximum context length is {limit} tokens. However, you requested "
-            f"{prompt_len + max_tokens} tokens ({prompt_len} in {what}, {max_tokens} in the completion). "
-            f"Please reduce the length of {what} or completion.",
-            param,
-            "context_length_exceeded",
-        )
-
-
-def sampling_params(
-    req: ChatCompletionRequest | CompletionRequest,
-    engine: Engine,
-    *,
-    max_tokens: int,
-    logprobs: int | None,
-    prompt_logprobs: int | None = None,
-) -> SamplingParams:
-    """The sampling fields shared by chat and completion requests -> engine parameters."""
-    vocab = engine.model.cfg.vocab_size
-    bias = tuple((int(k), float(v)) for k, v in (req.logit_bias or {}).items())
-    for token_id, _ in bias:
-        if token_id >= vocab:
-            raise bad_request(
-                f"'logit_bias' names token {token_id}, outside the vocabulary (0..{vocab - 1})", "logit_bias"
-            )
-    top_k = req.top_k or 0
-    return SamplingParams(
-        max_tokens=max_tokens,
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        top_k=0 if top_k < 0 or top_k >= vocab else top_k,  # both mean: every token
-        min_p=req.min_p or 0.0,
-        presence_penalty=req.presence_penalty or 0.0,
-        frequency_penalty=req.frequency_penalty or 0.0,
-        repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
-        logit_bias=bias,
-        seed=req.seed,
-        stop=req.stops(),
-        ignore_eos=bool(req.ignore_eos),
-        min_tokens=req.min_tokens or 0,
-        logprobs=logprobs,
-        prompt_logprobs=prompt_logprobs,
-    )
-
-
-def choice_params(base: SamplingParams, n: int, max_n: int) -> list[SamplingParams]:
-    """The parameters of each of `n` choices: a seeded request's choice i samples with seed + i."""
-    if n > max_n:
-        raise bad_request(f"'n' is {n}; this server allows at most {max_n}", "n")
-    return [base if base.seed is None else dataclasses.replace(base, seed=base.seed + i) for i in range(n)]
-
-
-@dataclasses.dataclass
-class ChoiceResult:
-    """Everything one choice produced, for a non-streaming response."""
-
-    text: list[str] = dataclasses.field(default_factory=list)
-    logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
-    prompt_logprobs: list[TokenLogprob | None] | None = None
-    finish_reason: str | None = None
-    error: str | None = None
-    completion_tokens: int = 0
-
-    def add(self, out: RequestOutput) -> None:
-        self.text.append(out.text)
-        self.logprobs += out.logprobs or ()
-        if out.prompt_logprobs is not None:
-            self.prompt_logprobs = out.prompt_logprobs
-        self.finish_reason = out.finish_reason
-        self.error = out.error
-        self.completion_tokens = out.completion_tokens
 
 
 def finish_error(finish_reason: str | None, detail: str | None = None) -> APIError | None:
@@ -188,12 +111,14 @@ class Generation:
                 for p in params:
                     request_id = f"{self._request_id}-{len(self._streams)}"
                     self._streams.append(self._engine.submit(prompt, p, request_id=request_id))
-        except (EngineError, ValueError) as e:
+        except Exception as e:
             for stream in self._streams:
                 self._engine.abort(stream.request_id)
             if isinstance(e, QueueFullError):
                 self._metrics.shed.inc()
-            raise from_engine_error(e, param) from e
+            if isinstance(e, EngineError):
+                raise from_engine_error(e, param) from e
+            raise
         self._last_token_at = [None] * len(self._streams)
         self.completion_tokens = [0] * len(self._streams)
         self.cached_tokens = [0] * len(self._streams)
@@ -275,12 +200,6 @@ class Generation:
         finally:
             for task in tasks:
                 task.cancel()
-
-    async def collect(self) -> list[ChoiceResult]:
-        results = [ChoiceResult() for _ in self._streams]
-        async for index, out in self.deltas():
-            results[index].add(out)
-        return results
 
     async def close(self) -> None:
         """Abort every choice that has not finished (a no-op when all have)."""

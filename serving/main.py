@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
-from graph.executables import ArtifactMismatchError
+from graph.api import ArtifactMismatchError
 from models.errors import ModelLoadError
 from serving.app import build_app
 from serving.config import ServerConfig, parse_args

@@ -6,7 +6,9 @@ Validation is strict: wrong JSON types are errors (no "1" -> 1), an unknown para
 (`extra="forbid"`), and an OpenAI parameter this server does not implement is rejected with a
 message that says so unless its value asks for what the server does anyway (`store: false`,
 `response_format: {"type": "text"}`, ...). Checks that involve several fields raise `ParamError`
-from the requests' `check()`; checks that need the model (vocabulary, context) live in serving/.
+from the requests' `check()`. Rules that need the model or the engine's limits (context length,
+vocabulary, seed range, min_tokens against max_tokens) are the engine's alone (`Engine.submit`);
+the bound on `n` is the server's `--max-n` (serving/handler.py).
 """
 
 from __future__ import annotations
@@ -167,12 +169,9 @@ class _SamplingRequest(_Strict):
         stop = getattr(self, "stop", None)
         return () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
 
-    def _check_common(self, max_tokens: int | None) -> None:
+    def _check_common(self) -> None:
         if getattr(self, "stream_options", None) is not None and not getattr(self, "stream", False):
             raise ParamError("stream_options", "'stream_options' is only allowed when 'stream' is true")
-        min_tokens = getattr(self, "min_tokens", None)
-        if min_tokens and max_tokens is not None and min_tokens > max_tokens:
-            raise ParamError("min_tokens", f"'min_tokens' ({min_tokens}) is larger than max_tokens ({max_tokens})")
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -191,7 +190,7 @@ class ChatCompletionRequest(_SamplingRequest):
     metadata: Any = None
     modalities: Any = None
     moderation: Any = None
-    n: int | None = Field(default=1, ge=1, le=128)
+    n: int | None = Field(default=1, ge=1)  # at most --max-n
     parallel_tool_calls: Any = None
     prediction: Any = None
     presence_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0)
@@ -238,7 +237,7 @@ class ChatCompletionRequest(_SamplingRequest):
     def check(self) -> None:
         if self.top_logprobs is not None and not self.logprobs:
             raise ParamError("top_logprobs", "'top_logprobs' needs 'logprobs' set to true")
-        self._check_common(self.max_new_tokens())
+        self._check_common()
 
 
 class CompletionRequest(_SamplingRequest):
@@ -252,7 +251,7 @@ class CompletionRequest(_SamplingRequest):
     logit_bias: dict[str, float] | None = None
     logprobs: int | None = Field(default=None, ge=0, le=COMPLETION_MAX_LOGPROBS)
     max_tokens: int | None = Field(default=16, ge=0)
-    n: int | None = Field(default=1, ge=1, le=128)
+    n: int | None = Field(default=1, ge=1)  # at most --max-n
     presence_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0)
     seed: int | None = None
     stop: str | list[str] | None = None
@@ -303,7 +302,7 @@ class CompletionRequest(_SamplingRequest):
     def check(self) -> None:
         if self.max_tokens == 0 and not self.echo:
             raise ParamError("max_tokens", "'max_tokens' may be 0 only with 'echo' set to true")
-        self._check_common(self.max_tokens)
+        self._check_common()
 
 
 # ---- responses ---------------------------------------------------------------------------------

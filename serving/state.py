@@ -32,8 +32,8 @@ class ServerState:
         self.metrics = Metrics(self.engine_stats)
 
     def set_engine(self, engine: Engine) -> None:
-        self.model_name = self.config.served_model_name or engine.model.name
-        self.token_texts = TokenTexts(engine.model.tokenizer)
+        self.model_name = self.config.served_model_name or engine.model_name
+        self.token_texts = TokenTexts(engine.tokenizer)
         self.engine = engine
 
     def engine_stats(self) -> dict[str, int] | None:

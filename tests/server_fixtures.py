@@ -13,6 +13,7 @@ helpers they use.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import re
@@ -24,10 +25,14 @@ import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
+
+if TYPE_CHECKING:
+    from graph.engine import Engine
+    from serving.config import ServerConfig
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m-instruct"
@@ -201,6 +206,40 @@ def server(aot_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         yield proc
     finally:
         proc.stop()
+
+
+@pytest.fixture(scope="session")
+def aot_engine(aot_dir: Path, smol_model: Any) -> Iterator[Engine]:
+    """An engine in this process over the session's AOT artifact: the shared server's engine."""
+    from graph.engine import Engine
+    from serving.config import parse_args
+
+    engine = Engine.create(smol_model, parse_args([*SMALL_ENGINE, "--aot-dir", str(aot_dir)]).engine)
+    yield engine
+    engine.shutdown(timeout=0)
+
+
+@contextlib.contextmanager
+def serve(engine: Engine, config: ServerConfig | None = None) -> Iterator[str]:
+    """The real app over `engine`, served by uvicorn on a loopback port from a thread; -> its URL."""
+    import uvicorn
+
+    from serving.app import build_app
+    from serving.config import ServerConfig
+    from serving.main import bind
+    from serving.state import ServerState
+
+    state = ServerState(config or ServerConfig())
+    state.set_engine(engine)
+    sock = bind("127.0.0.1", 0)  # listening already: requests wait in the backlog until uvicorn runs
+    server = uvicorn.Server(uvicorn.Config(build_app(state), log_config=None, lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
 
 
 @pytest.fixture(scope="session")

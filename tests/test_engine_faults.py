@@ -9,17 +9,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import threading
 from collections.abc import Iterator
 
 import httpx
 import pytest
-import uvicorn
 
 from graph.api import EngineBrokenError, EngineConfig, QueueFullError, RequestOutput, SamplingParams
 from graph.engine import Engine, _sequences
 from graph.offline import LLM
 from graph.shedding import Queue, WaitEstimator
+from tests.server_fixtures import serve
 
 CONFIG = EngineConfig(
     max_batch=4, max_seq_len=128, max_prefill_tokens=64, min_context_tokens=128, max_num_batched_tokens=0
@@ -101,27 +100,6 @@ def test_a_failed_step_ends_its_requests_and_the_others_finish_unchanged(tiny_mo
         again = asyncio.run(run(engine, PROMPTS, GREEDY))
         assert [[t for d in deltas for t in d.token_ids] for deltas in again] == clean
         assert_all_pages_free(engine)
-
-
-@contextlib.contextmanager
-def serve(engine: Engine) -> Iterator[str]:
-    """The real app over `engine`, served by uvicorn on a loopback port from a thread."""
-    from serving.app import build_app
-    from serving.config import ServerConfig
-    from serving.main import bind
-    from serving.state import ServerState
-
-    state = ServerState(ServerConfig())
-    state.set_engine(engine)
-    sock = bind("127.0.0.1", 0)  # listening already: requests wait in the backlog until uvicorn runs
-    server = uvicorn.Server(uvicorn.Config(build_app(state), log_config=None, lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=60)
 
 
 def test_an_engine_that_cannot_rebuild_its_pool_is_broken_and_says_so(tiny_model, monkeypatch):
