@@ -62,7 +62,7 @@ def _prefill(step: Prefill, T: int, W: int, S: int, max_seq_len: int, suppressed
         last_index[r] = at + n - 1
         following = seq.prompt[start + 1 : start + n + 1]
         next_tokens[0, at : at + len(following)] = following
-        want |= seq.params.prompt_logprobs is not None and len(following) > 0 and seq.preemptions == 0
+        want |= seq.params.prompt_logprobs is not None and len(following) > 0
         at, page = at + n, page + len(pages)
     history, prompt_len, sampling = _rows([c.seq for c in step.chunks], PACKED_ROWS, max_seq_len, suppressed)
     return StepInputs(

@@ -51,7 +51,7 @@ class OutputProcessor:
         """Collect the prompt logprobs a prefill chunk computed, its tokens from `at` on in the
         step's row (the first token of a prompt has none)."""
         k = seq.params.prompt_logprobs
-        if k is None or seq.preemptions:
+        if k is None:  # a preempted request's prefill again fills (and overwrites) what it had
             return
         state = self._state(seq)
         if state.prompt_logprobs is None:
