@@ -350,7 +350,7 @@ class Engine:
     def _step(self, decision: Prefill | Decode | Mixed) -> None:
         started = time.monotonic()
         self.steps += 1
-        for seq in _sequences(decision):
+        for seq in decision.seqs:
             if (queued_at := self._queued_at.pop(seq.request_id, None)) is not None:
                 self._queue_waits[seq.request_id] = started - queued_at
         if self.config.debug_step_delay:
@@ -374,7 +374,7 @@ class Engine:
     def _recover(self, decision: Prefill | Decode | Mixed | None, error: Exception) -> bool:
         """After a failed step: end its requests with an error, requeue the running ones, drop
         the prefix cache and rebuild the pool. -> False if that failed too (the engine is broken)."""
-        failed = _sequences(decision) if decision is not None else list(self._seqs.values())
+        failed = list(decision.seqs) if decision is not None else list(self._seqs.values())
         others = [s for s in self.scheduler.running if s not in failed]
         what = f"step {self.steps}" if decision is not None else "scheduling a step"
         log.error(
@@ -455,14 +455,3 @@ class Engine:
             out = self.outputs.final(seq, reason, error)
             out.queue_wait = queue_wait
             stream.push(out)
-
-
-def _sequences(decision: object) -> list[Sequence]:
-    """Every sequence a step decision names (decode rows, prompt chunks), whatever its shape."""
-    if isinstance(decision, Sequence):
-        return [decision]
-    if isinstance(decision, list | tuple):
-        return [s for d in decision for s in _sequences(d)]
-    if dataclasses.is_dataclass(decision):
-        return [s for f in dataclasses.fields(decision) for s in _sequences(getattr(decision, f.name))]
-    return []

@@ -91,6 +91,10 @@ class Prefill:
     def tokens(self) -> int:
         return sum(c.length for c in self.chunks)
 
+    @property
+    def seqs(self) -> list[Sequence]:
+        return [c.seq for c in self.chunks]
+
 
 @dataclasses.dataclass(frozen=True)
 class Decode:
@@ -103,6 +107,10 @@ class Mixed:
 
     decode: Decode
     prefill: Prefill
+
+    @property
+    def seqs(self) -> list[Sequence]:
+        return self.decode.seqs + self.prefill.seqs
 
 
 class Scheduler:

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from graph.api import EngineBrokenError, EngineConfig, QueueFullError, RequestOutput, SamplingParams
-from graph.engine import Engine, _sequences
+from graph.engine import Engine
 from graph.offline import LLM
 from graph.shedding import Queue, WaitEstimator
 from tests.server_fixtures import serve
@@ -66,7 +66,7 @@ def record_steps(engine: Engine) -> list[tuple[set[str], dict[str, int]]]:
         decision = schedule()
         if decision is not None:
             running = {s.request_id: len(s.output) for s in engine.scheduler.running}
-            steps.append(({s.request_id for s in _sequences(decision)}, running))
+            steps.append(({s.request_id for s in decision.seqs}, running))
         return decision
 
     engine.scheduler.schedule = recording

@@ -1,7 +1,8 @@
 """Mixed steps, packed prefill and prefix caching through the real engine: a request's tokens do
 not depend on whether it ran alone, in mixed steps beside other prompts' chunks, packed in one
-chunk with other prompts, or with its prefix taken from the prefix cache; on the bundled SmolLM2 and on a tiny random Gemma 3, whose sliding-window layers
-must find valid keys in cached pages too."""
+chunk with other prompts, or with its prefix taken from the prefix cache; on the bundled SmolLM2
+and on a tiny random Gemma 3, whose sliding-window layers must find valid keys in cached pages
+too."""
 
 from __future__ import annotations
 
