@@ -107,7 +107,7 @@ class SamplingParams:
     max_tokens: int = 16
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
-    top_k: int = 0  # 0 = off
+    top_k: int = 0  # 0 or -1 = off; the whole vocabulary or more keeps every token too
     min_p: float = 0.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0

@@ -27,7 +27,7 @@ class SamplingArrays(NamedTuple):
     """Per-row sampling inputs, [B, ...]."""
 
     temperature: jax.Array  # f32; 0 = greedy
-    top_k: jax.Array  # i32; 0 = off
+    top_k: jax.Array  # i32; 0, -1 or >= vocabulary size = off
     top_p: jax.Array  # f32
     min_p: jax.Array  # f32
     presence: jax.Array  # f32
@@ -130,7 +130,8 @@ def sample(
     greedy = jnp.argmax(x, axis=-1).astype(jnp.int32)
 
     scaled = x / jnp.maximum(s.temperature, 1e-6)[:, None]
-    filtering = (s.top_k > 0) | (s.top_p < 1) | (s.min_p > 0)
+    top_k_on = (s.top_k > 0) & (s.top_k < logits.shape[1])  # 0, -1 or the whole vocabulary: off
+    filtering = top_k_on | (s.top_p < 1) | (s.min_p > 0)
     scaled = jax.lax.cond(jnp.any(filtering & (s.temperature > 0)), lambda: _filter(scaled, s), lambda: scaled)
 
     def draw(seed, pos, row):

@@ -114,12 +114,11 @@ class Reply(abc.ABC):
     def sampling_params(self, prompts: list[list[int]]) -> SamplingParams:
         req = self.req
         logprobs, prompt_logprobs = self.logprobs()
-        top_k = req.top_k or 0
         return SamplingParams(
             max_tokens=self.max_tokens(prompts),
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
-            top_k=0 if top_k < 0 or top_k >= self.engine.vocab_size else top_k,  # both mean: every token
+            top_k=req.top_k or 0,
             min_p=req.min_p or 0.0,
             presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,

@@ -161,6 +161,12 @@ def test_filters_allow_exactly_the_expected_tokens(params, allowed):
     assert set(draws(params, KNOWN).tolist()) == allowed
 
 
+@pytest.mark.parametrize("top_k", [-1, V, V + 100])
+def test_top_k_of_minus_one_or_the_whole_vocabulary_keeps_every_token(top_k):
+    """The same draws, seed for seed, as no top-k at all (OpenAI clients send -1, or a large k)."""
+    np.testing.assert_array_equal(draws(SamplingParams(top_k=top_k), KNOWN), draws(SamplingParams(), KNOWN))
+
+
 def test_top_p_draws_in_proportion_to_the_renormalized_probabilities():
     tokens = draws(SamplingParams(top_p=0.7), KNOWN)
     freq = np.array([np.mean(tokens == i) for i in ORDER[:3]])
