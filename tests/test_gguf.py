@@ -15,8 +15,9 @@ import gguf
 import numpy as np
 import pytest
 
+import models.gguf
 from models.errors import ModelLoadError
-from models.gguf import _dequantize, _unpermute_qk, read_gguf, read_gguf_metadata
+from models.gguf import _unpermute_qk, read_gguf, read_gguf_metadata
 
 # the real models and transformers' view of them: smollm2_gguf, gemma3_gguf, hf_smollm2, hf_gemma3
 pytest_plugins = ("tests.fixtures_models",)
@@ -100,9 +101,14 @@ def test_gemma3_defaults_we_leave_out_match_the_file(gemma3):
     from transformers import AutoConfig
 
     defaults = AutoConfig.for_model("gemma3_text").to_dict()
-    ours = _as_transformers(gemma3.hf_config)
-    for key in ("attention_bias", "use_bidirectional_attention", "attention_dropout"):
-        assert ours[key] == defaults[key]
+    left_out = ("attention_bias", "use_bidirectional_attention", "attention_dropout")
+    assert not set(left_out) & set(gemma3.hf_config)
+    # no attention bias: the file has no bias tensor at all
+    assert defaults["attention_bias"] is False
+    assert [t.name for t in gemma3.header.tensors if t.name.endswith(".bias")] == []
+    # causal attention: llama.cpp's `gemma3` architecture (the bidirectional one is `gemma-embedding`)
+    assert defaults["use_bidirectional_attention"] is False and gemma3.header.architecture == "gemma3"
+    assert defaults["attention_dropout"] == 0.0  # (training only: inference never drops)
 
 
 @pytest.mark.parametrize("model", ["smollm2", "gemma3"])
@@ -137,8 +143,10 @@ def test_gemma3_norms_have_the_offset_removed(gemma3):
         "output_norm.weight": "model.norm.weight",
     }
     for gguf_name, hf_name in pairs.items():
-        stored = _dequantize(header.path, infos[gguf_name])
-        np.testing.assert_array_equal(gemma3.tensors[hf_name], stored - 1.0)
+        info = infos[gguf_name]  # norms are stored unquantized: their bytes are the float32 values
+        assert info.qtype == gguf.GGMLQuantizationType.F32 and info.nbytes == 4 * math.prod(info.shape)
+        stored = np.fromfile(header.path, np.float32, count=math.prod(info.shape), offset=info.start)
+        np.testing.assert_array_equal(gemma3.tensors[hf_name], stored.reshape(info.shape) - 1.0)
 
 
 # --- tiny files ------------------------------------------------------------------------------
@@ -278,7 +286,12 @@ def test_unsupported_quant_type(tmp_path):
     assert "blk.0.ffn_up.weight" in message and "IQ4_NL" in message and "Q4_K" in message
 
 
-def test_metadata_only_read_is_fast_and_lists_tensors(smollm2_gguf):
+def test_metadata_only_read_lists_tensors_and_tokenizer_without_dequantizing(smollm2_gguf, monkeypatch):
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the metadata read dequantized a tensor")
+
+    monkeypatch.setattr(models.gguf, "dequantize", no_weights)
+    monkeypatch.setattr(models.gguf, "_dequantize", no_weights)
     header = read_gguf_metadata(smollm2_gguf)
     assert header.architecture == "llama"
     assert len(header.tensors) == 272

@@ -1,4 +1,5 @@
-"""Clients that go away: their requests are aborted at once and every KV page is free again."""
+"""Clients that go away: each of their requests is aborted before its end (the server counts it) and
+every KV page is free again."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 
 pytest.register_assert_rewrite("tests.server_fixtures")
 
-from tests.server_fixtures import MODEL, wait_idle  # noqa: E402
+from tests.server_fixtures import MODEL, engine_metrics, wait_idle  # noqa: E402
 
 # server
 pytest_plugins = ("tests.server_fixtures",)
@@ -17,6 +18,7 @@ pytest_plugins = ("tests.server_fixtures",)
 # Long enough that, run to the end, 16 of them would keep the 8-row batch busy for minutes.
 LONG = {"model": MODEL, "prompt": "Tell me a long story.", "max_tokens": 400, "temperature": 0, "ignore_eos": True}
 ABORTED_WITHIN = 30.0  # seconds; far less than the requests would run
+ABORTED = "xlaserve_requests_aborted_total"  # requests ended early, once per HTTP request
 
 
 def _leave_after_two_chunks(url: str, route: str, body: dict) -> int:
@@ -39,7 +41,7 @@ def assert_all_pages_free(url: str) -> None:
 
 
 def test_16_clients_leaving_mid_stream_free_every_page(server):
-    wait_idle(server.url)
+    before = wait_idle(server.url)[ABORTED]
     jobs = [("/v1/completions", {**LONG, "stream": True})] * 8
     chat = {**LONG, "messages": [{"role": "user", "content": "Tell me a long story."}], "stream": True}
     del chat["prompt"]
@@ -48,13 +50,15 @@ def test_16_clients_leaving_mid_stream_free_every_page(server):
         done = list(pool.map(lambda job: _leave_after_two_chunks(server.url, *job), jobs))
     assert done == [2] * 16
     assert_all_pages_free(server.url)
+    assert engine_metrics(server.url)[ABORTED] - before == 16  # none ran to its end
 
 
 def test_a_non_streaming_client_that_times_out_is_aborted(server):
-    wait_idle(server.url)
+    before = wait_idle(server.url)[ABORTED]
     # 400 tokens take seconds even on a fast device; the client gives up after half of one
     with pytest.raises(httpx.ReadTimeout), httpx.Client(base_url=server.url, timeout=0.5) as client:
         client.post("/v1/completions", json=LONG)
     assert_all_pages_free(server.url)
+    assert engine_metrics(server.url)[ABORTED] - before == 1
     response = httpx.post(server.url + "/v1/completions", json={**LONG, "max_tokens": 2}, timeout=120)
     assert response.status_code == 200

@@ -126,9 +126,10 @@ def test_32_concurrent_streams_each_get_their_text_alone(server, http):
     assert texts == [alone[p] for p in together]
 
 
-def test_stream_error_after_submission_is_an_sse_error(http):
+def test_a_stream_refused_before_it_starts_is_a_plain_json_error(http):
     """An invalid request is refused before streaming starts: a plain JSON error, not a stream."""
     body = {"model": MODEL, "messages": SEA, "max_tokens": 600, "stream": True}
     response = http.post("/v1/chat/completions", json=body)
     assert response.status_code == 400
+    assert response.headers["content-type"].startswith("application/json")
     assert json.loads(response.text)["error"]["code"] == "context_length_exceeded"
