@@ -22,7 +22,6 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -298,12 +297,9 @@ def wait_idle(url: str, timeout: float = 30) -> dict[str, float]:
 
 # ---- the OpenAI reference schema -----------------------------------------------------------------
 
-# The reference lives beside the repository (../shared/openai); a copy under tests/data/ is used
-# first, so the check also runs where only the repository is checked out.
-SCHEMA_FILES = (
-    REPO / "tests" / "data" / "openapi-subset.yaml",
-    REPO.parent / "shared" / "openai" / "openapi-subset.yaml",
-)
+# A copy of OpenAI's published schema for our routes (../shared/openai/openapi-subset.yaml), kept
+# in the repository so that the check runs wherever the tests do.
+SCHEMA_FILE = REPO / "tests" / "data" / "openapi-subset.yaml"
 
 
 def _nullable_to_json_schema(node: Any) -> Any:
@@ -324,23 +320,17 @@ def _nullable_to_json_schema(node: Any) -> Any:
 
 
 @functools.cache
-def _schemas() -> dict[str, Any] | None:
-    path = next((p for p in SCHEMA_FILES if p.exists()), None)
-    if path is None:
-        warnings.warn(
-            f"OpenAI reference schema not found ({', '.join(map(str, SCHEMA_FILES))}): not checked", stacklevel=3
-        )
-        return None
+def _schemas() -> dict[str, Any]:
     import yaml
 
-    return _nullable_to_json_schema(yaml.safe_load(path.read_text()))
+    spec = _nullable_to_json_schema(yaml.safe_load(SCHEMA_FILE.read_text()))  # missing: the test fails
+    assert {"CreateCompletionResponse", "CreateChatCompletionResponse"} <= set(spec["components"]["schemas"])
+    return spec
 
 
 def assert_matches_schema(obj: Any, name: str) -> None:
     """Validate a response object against components/schemas/NAME of the OpenAI reference."""
     spec = _schemas()
-    if spec is None:
-        return
     import jsonschema
 
     schema = {"$ref": f"#/components/schemas/{name}", "components": spec["components"]}

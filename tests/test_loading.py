@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -13,7 +16,7 @@ import pytest
 from safetensors import safe_open
 
 from models.errors import ModelLoadError
-from models.loader import load_model, resolve
+from models.loader import load_model
 
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
@@ -74,10 +77,20 @@ def test_missing_path_names_it():
         load_model("./no/such/model.gguf")
 
 
-def test_hub_id_offline_says_how_to_pass_a_local_path(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelLoadError, match=r"someone/some-model: could not download .* Pass a local path"):
-        resolve("someone/some-model")
+def test_hub_id_offline_says_how_to_pass_a_local_path(tmp_path):
+    """A user who set HF_HUB_OFFLINE=1 (read by huggingface_hub when it is imported, so set before
+    the server starts) and has no cached copy: the server exits 1 with one line that names the
+    model, says the hub was not reached, and says what to pass instead."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)}  # an empty hub cache
+    proc = subprocess.run(
+        [sys.executable, "-m", "serving.main", "--model", "someone/some-model", "--port", "0"],
+        cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    error = [line for line in proc.stderr.splitlines() if "someone/some-model" in line]
+    assert len(error) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "could not download" in error[0] and "outgoing traffic has been disabled" in error[0], error[0]
+    assert "Pass a local path instead" in error[0]
 
 
 def test_unknown_dtype():
