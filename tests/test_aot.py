@@ -23,6 +23,8 @@ from graph.api import EngineConfig
 from graph.buckets import Buckets
 from graph.executables import ArtifactMismatchError, ExecutableTable
 
+pytestmark = pytest.mark.slow  # compiles the real model's artifacts
+
 ROOT = Path(__file__).resolve().parent.parent
 BUCKET_ARGS = ["--max-batch", "2", "--max-seq-len", "128", "--max-prefill-tokens", "32", "--min-context-tokens", "128"]
 CONFIG = EngineConfig(max_batch=2, max_seq_len=128, max_prefill_tokens=32, min_context_tokens=128)

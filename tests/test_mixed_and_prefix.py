@@ -16,6 +16,8 @@ from graph.offline import LLM
 from models.config import ModelConfig
 from models.params import init_params
 
+pytestmark = pytest.mark.slow  # the real models through the engine
+
 GREEDY = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
 SEEDED = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, seed=99, ignore_eos=True)
 SYSTEM = list(range(1000, 1070))  # a 70-token shared prefix: 4 full pages of 16

@@ -27,6 +27,8 @@ from tests.hf_reference import hf_greedy, hf_reference, load_with_checkpoint
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+pytestmark = pytest.mark.slow  # the real models against transformers
+
 NEW_TOKENS = 32
 Prompt = str | list[dict[str, str]]  # text, or chat messages for the template
 # Of equal length in tokens per model: transformers generates them as one batch without padding,
