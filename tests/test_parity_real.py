@@ -14,6 +14,7 @@ chat-formatted prompts below check that the model then continues them identicall
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -71,6 +72,12 @@ def real(request) -> Iterator[tuple[LoadedModel, Any]]:
     torch.set_num_threads(threads)
 
 
+@functools.cache
+def _hf_greedy(hf: Any, prompts: tuple[tuple[int, ...], ...]) -> list[list[int]]:
+    """transformers' greedy continuations, generated once per model and shared by the tests."""
+    return hf_greedy(hf, [list(p) for p in prompts], NEW_TOKENS)
+
+
 def _hf_logits(hf: Any, ids: list[int]) -> np.ndarray:
     with torch.no_grad():
         return hf(torch.tensor([ids])).logits[0].numpy()
@@ -88,7 +95,7 @@ def test_prompt_logits_match_transformers(real):
 def test_greedy_continuation_matches_transformers(real):
     model, hf = real
     prompts = [_ids(model, p) for p in PROMPTS[model.name]]
-    refs = hf_greedy(hf, prompts, NEW_TOKENS)  # end-of-sequence stops neither side
+    refs = _hf_greedy(hf, tuple(map(tuple, prompts)))  # end-of-sequence stops neither side
     for prompt, ids, ref in zip(PROMPTS[model.name], prompts, refs, strict=True):
         ours = greedy_generate(model, ids, NEW_TOKENS)
         if ours != ref:
@@ -102,10 +109,13 @@ def test_greedy_continuation_matches_transformers(real):
             )
 
 
-@pytest.mark.parametrize("chunk", [4, 16], ids=["chunked", "unchunked"])
-def test_engine_greedy_matches_transformers(real, chunk):
-    """Through the whole engine (its default layer loop, paged prefill in one chunk or in chunks
-    of 4 tokens, decode steps of the batch), with and without prompt logprobs."""
+@pytest.mark.parametrize(
+    ("chunk", "loop"), [(4, "auto"), (16, "unroll")], ids=["chunked-default-loop", "unchunked-unrolled"]
+)
+def test_engine_greedy_matches_transformers(real, chunk, loop):
+    """Through the whole engine (paged prefill in chunks of 4 tokens or in one chunk, decode steps of
+    the batch), with the backend's default layer loop and with the unrolled one, with and without
+    prompt logprobs: the same tokens either way, so chunked and unchunked prefill agree too."""
     from graph.api import EngineConfig, SamplingParams
     from graph.offline import LLM
 
@@ -113,11 +123,12 @@ def test_engine_greedy_matches_transformers(real, chunk):
     if model.name == "smollm2-135m-instruct":
         pytest.skip("SmolLM2 through the engine: tests/test_engine.py (64 tokens, batch independence)")
     prompts = [_ids(model, p) for p in PROMPTS[model.name]]
-    refs = hf_greedy(hf, prompts, NEW_TOKENS)
+    refs = _hf_greedy(hf, tuple(map(tuple, prompts)))
     seq = 128 if len(prompts[0]) + NEW_TOKENS <= 128 else 256
+    # One prefill bucket and no mixed steps: an unrolled executable takes long to compile
     config = EngineConfig(
-        max_batch=4, max_seq_len=seq, min_context_tokens=seq, min_prefill_tokens=chunk,
-        max_prefill_tokens=chunk if chunk < len(prompts[0]) else 64, kv_pages=4 * seq // 16 + 1,
+        max_batch=4, max_seq_len=seq, min_context_tokens=seq, min_prefill_tokens=chunk, max_prefill_tokens=chunk,
+        max_num_batched_tokens=0, kv_pages=4 * seq // 16 + 1, layer_loop=loop,
     )  # fmt: skip
     llm = LLM(model, config)
     try:
