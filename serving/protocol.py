@@ -163,57 +163,19 @@ def _logit_bias(v: dict[str, float] | None) -> dict[str, float] | None:
 
 
 class _SamplingRequest(_Strict):
-    """What chat and completion requests share: `check()` and the stop/logit_bias validation."""
+    """What chat and completion requests share: the sampling fields and their validation."""
 
-    def stops(self) -> tuple[str, ...]:
-        stop = getattr(self, "stop", None)
-        return () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
-
-    def _check_common(self) -> None:
-        if getattr(self, "stream_options", None) is not None and not getattr(self, "stream", False):
-            raise ParamError("stream_options", "'stream_options' is only allowed when 'stream' is true")
-
-
-class ChatCompletionRequest(_SamplingRequest):
-    """POST /v1/chat/completions."""
-
-    messages: list[ChatMessage] = Field(min_length=1)
-    model: str
-    audio: Any = None
     frequency_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0)
-    function_call: Any = None
-    functions: Any = None
     logit_bias: dict[str, float] | None = None
-    logprobs: bool | None = False
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    metadata: Any = None
-    modalities: Any = None
-    moderation: Any = None
     n: int | None = Field(default=1, ge=1)  # at most --max-n
-    parallel_tool_calls: Any = None
-    prediction: Any = None
     presence_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0)
-    prompt_cache_key: Any = None
-    prompt_cache_options: Any = None
-    prompt_cache_retention: Any = None
-    reasoning_effort: Any = None
-    response_format: Any = None
-    safety_identifier: str | None = Field(default=None, max_length=64)
     seed: int | None = None
-    service_tier: Any = None
     stop: str | list[str] | None = None
-    store: Any = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(default=1.0, ge=0.0, le=2.0)
-    tool_choice: Any = None
-    tools: Any = None
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     top_p: float | None = Field(default=1.0, gt=0.0, le=1.0)
     user: str | None = None
-    verbosity: Any = None
-    web_search_options: Any = None
 
     # ---- xlaserve extensions (named as in vLLM) ----------------------------------------------
     top_k: int | None = Field(default=None, ge=-1)  # -1 or 0: off
@@ -223,13 +185,52 @@ class ChatCompletionRequest(_SamplingRequest):
     ignore_eos: bool | None = None
     # ---- end of extensions --------------------------------------------------------------------
 
+    _stop = field_validator("stop")(_stop_list)
+    _bias = field_validator("logit_bias")(_logit_bias)
+
+    def stops(self) -> tuple[str, ...]:
+        stop = self.stop
+        return () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
+
+    def _check_common(self) -> None:
+        if self.stream_options is not None and not self.stream:
+            raise ParamError("stream_options", "'stream_options' is only allowed when 'stream' is true")
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    model: str
+    audio: Any = None
+    function_call: Any = None
+    functions: Any = None
+    logprobs: bool | None = False
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    metadata: Any = None
+    modalities: Any = None
+    moderation: Any = None
+    parallel_tool_calls: Any = None
+    prediction: Any = None
+    prompt_cache_key: Any = None
+    prompt_cache_options: Any = None
+    prompt_cache_retention: Any = None
+    reasoning_effort: Any = None
+    response_format: Any = None
+    safety_identifier: str | None = Field(default=None, max_length=64)
+    service_tier: Any = None
+    store: Any = None
+    tool_choice: Any = None
+    tools: Any = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    verbosity: Any = None
+    web_search_options: Any = None
+
     @field_validator(*_CHAT_UNSUPPORTED)
     @classmethod
     def _unsupported(cls, v: Any, info: Any) -> Any:
         return _not_supported(info.field_name, v, _CHAT_UNSUPPORTED[info.field_name])
-
-    _stop = field_validator("stop")(_stop_list)
-    _bias = field_validator("logit_bias")(_logit_bias)
 
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -247,28 +248,9 @@ class CompletionRequest(_SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     best_of: int | None = None
     echo: bool | None = False
-    frequency_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
     logprobs: int | None = Field(default=None, ge=0, le=COMPLETION_MAX_LOGPROBS)
     max_tokens: int | None = Field(default=16, ge=0)
-    n: int | None = Field(default=1, ge=1)  # at most --max-n
-    presence_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
     suffix: str | None = None
-    temperature: float | None = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=1.0, gt=0.0, le=1.0)
-    user: str | None = None
-
-    # ---- xlaserve extensions (named as in vLLM) ----------------------------------------------
-    top_k: int | None = Field(default=None, ge=-1)  # -1 or 0: off
-    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
-    min_tokens: int | None = Field(default=None, ge=0)
-    ignore_eos: bool | None = None
-    # ---- end of extensions --------------------------------------------------------------------
 
     @field_validator(*_COMPLETION_UNSUPPORTED)
     @classmethod
@@ -286,9 +268,6 @@ class CompletionRequest(_SamplingRequest):
             if any(t < 0 for p in v if isinstance(p, list) for t in p) or any(isinstance(t, int) and t < 0 for t in v):
                 raise ValueError("'prompt' token ids must not be negative")
         return v
-
-    _stop = field_validator("stop")(_stop_list)
-    _bias = field_validator("logit_bias")(_logit_bias)
 
     def prompts(self) -> list[str | list[int]]:
         """The prompts of the request: text, or token ids."""
