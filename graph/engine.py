@@ -384,17 +384,18 @@ class Engine:
             len(others),
             exc_info=error,
         )
-        try:
-            for seq in failed:
-                self._finish(seq.request_id, "error", error=f"internal error: {type(error).__name__}: {error}")
-            self.scheduler.preempt_all()
-            self.allocator.reset_cache()
+        try:  # the new pool first: a client that sees its error sees the engine's state after it
             self.kv = None  # the old pool's memory goes back before the new one is made
             self.kv = self.table.init_kv()
         except Exception as e:
             log.exception("the engine could not recover from a failed step")
             self._broken = f"the engine could not recover from a failed step ({type(e).__name__}: {e})"
             return False
+        finally:
+            for seq in failed:
+                self._finish(seq.request_id, "error", error=f"internal error: {type(error).__name__}: {error}")
+        self.scheduler.preempt_all()
+        self.allocator.reset_cache()
         return True
 
     def _ahead(self) -> Queue:
