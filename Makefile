@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 ARGS ?=
 
-.PHONY: serve test install lint
+.PHONY: serve test test-fast install lint
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -rs --durations=30 tests $(ARGS)
+
+test-fast: $(STAMP)  # the fast tier: no real-model compiles, servers or Gemma 3 (tests/conftest.py)
+	$(BIN)/python -m pytest -q -rs -m "not slow" tests $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -17,8 +17,8 @@ from models.loader import LoadedModel, load_model
 
 # The slow tier (`pytest -m "not slow"` leaves it out; `make test` runs it): every test that
 # compiles the real SmolLM2 or starts a server (through these fixtures, or as its module says with
-# `pytestmark`), and every test that reads Gemma 3 270M's 262k-token vocabulary (a `gemma3`
-# parameter). The fast tier keeps the pure functions, the tiny random model through the whole
+# `pytestmark`), and every test that reads Gemma 3 270M's 262k-token vocabulary (`model` parameter
+# `gemma3`). The fast tier keeps the pure functions, the tiny random model through the whole
 # engine, and SmolLM2's GGUF reader and tokenizer.
 SLOW_FIXTURES = {"smol_llm", "smol_hf", "aot_dir", "aot_engine", "server", "gemma3", "hf_gemma3", "gemma3_gguf"}
 
@@ -26,7 +26,7 @@ SLOW_FIXTURES = {"smol_llm", "smol_hf", "aot_dir", "aot_engine", "server", "gemm
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
-        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or "gemma3" in params.values():
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or params.get("model") == "gemma3":
             item.add_marker(pytest.mark.slow)
 
 

@@ -116,7 +116,9 @@ def _weights(params, cfg, loop: str):
     return prepare(host, cfg, unrolled=loop == "unroll", quantize=None, act_quant=False)
 
 
-LOOPS = pytest.mark.parametrize("loop", ["scan", "unroll"])
+# The layer loop does not depend on the architecture: the fast tier runs every architecture with
+# `scan`, the slow tier with `unroll` too.
+LOOPS = pytest.mark.parametrize("loop", ["scan", pytest.param("unroll", marks=pytest.mark.slow)])
 
 
 @LOOPS
