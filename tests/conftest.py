@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from graph import compile_cache
-from graph.api import EngineConfig
 from models.loader import LoadedModel, load_model
+from tests.server_fixtures import SMALL
 
 # The slow tier (`pytest -m "not slow"` leaves it out; `make test` runs it): every test that
 # compiles the real SmolLM2 or starts a server (through these fixtures, or as its module says with
@@ -28,10 +28,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         params = getattr(getattr(item, "callspec", None), "params", {})
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or params.get("model") == "gemma3":
             item.add_marker(pytest.mark.slow)
-
-
-# Small buckets keep compilation short on a 2-core CI machine: 17 executables.
-SMALL = EngineConfig(max_batch=8, max_seq_len=256, max_prefill_tokens=128, min_context_tokens=128, kv_memory_gb=0.5)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -59,7 +55,7 @@ def smol_model() -> LoadedModel:
 def smol_llm(smol_model):
     from graph.offline import LLM
 
-    llm = LLM(smol_model, SMALL)
+    llm = LLM(smol_model, SMALL)  # the shared server's bucket set: one compile for both
     yield llm
     llm.shutdown()
 

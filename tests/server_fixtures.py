@@ -14,6 +14,7 @@ helpers they use.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import re
@@ -29,18 +30,27 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 
+from graph.api import EngineConfig
+
 if TYPE_CHECKING:
     from graph.engine import Engine
     from serving.config import ServerConfig
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m-instruct"
-# One prefill bucket and four decode buckets: six executables, ~30 s to compile on 2 cores.
-SMALL_ENGINE = (
-    "--max-batch", "8", "--max-seq-len", "512", "--min-context-tokens", "512",
-    "--min-prefill-tokens", "64", "--max-prefill-tokens", "64", "--kv-pages", "256",
-)  # fmt: skip
-MAX_SEQ_LEN = 512
+# The session's one small bucket set, for its servers and its in-process engine (tests/conftest.py
+# `smol_llm`): compiled once, then loaded from the session's compilation cache. One prefill bucket
+# and four decode buckets: ~30 s to compile on 2 cores.
+SMALL = EngineConfig(
+    max_batch=8, max_seq_len=512, min_context_tokens=512, min_prefill_tokens=64, max_prefill_tokens=64, kv_pages=256
+)
+SMALL_ENGINE = tuple(
+    arg
+    for field in dataclasses.fields(SMALL)
+    if (value := getattr(SMALL, field.name)) != field.default
+    for arg in (f"--{field.name.replace('_', '-')}", str(value))
+)
+MAX_SEQ_LEN = SMALL.max_seq_len
 READY = re.compile(r"^Server ready on (http://\S+) \(Press CTRL\+C to quit\)$")
 LISTENING = re.compile(r"listening on (\S+):(\d+); loading the model")
 

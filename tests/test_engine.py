@@ -1,5 +1,6 @@
 """The compiled engine on the real bundled model: parity with transformers through the whole
-engine, batch independence, zero compilations while serving, page accounting, preemption."""
+engine, batch independence, zero compilations while serving, page accounting (preemption:
+tests/test_preemption.py)."""
 
 from __future__ import annotations
 
@@ -141,23 +142,3 @@ def test_every_page_is_free_after_random_requests_and_aborts(tiny_model):
     stats = engine.stats()
     llm.shutdown()
     assert stats["pages_used"] == 0 and stats["pages_free"] == stats["pages_total"], stats
-
-
-def test_preemption_when_the_pool_is_too_small(smol_model, smol_llm):
-    # 12 usable pages of 16 tokens; 6 requests of up to ~50 tokens need 24: some must be preempted
-    config = EngineConfig(max_batch=8, max_seq_len=128, max_prefill_tokens=64, min_context_tokens=128, kv_pages=13)
-    llm = LLM(smol_model, config)
-    try:
-        params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, prompt_logprobs=1)
-        reference = smol_llm.generate(PROMPTS[:6], params)
-        got = llm.generate(PROMPTS[:6], params)
-        assert llm.engine.scheduler.preemptions > 0
-        assert [c.token_ids for c in got] == [c.token_ids for c in reference]
-        for ours, theirs in zip(got, reference, strict=True):  # a preempted request's prompt logprobs too
-            assert ours.prompt_logprobs is not None and ours.prompt_logprobs[0] is None
-            assert [t.token_id for t in ours.prompt_logprobs[1:]] == [t.token_id for t in theirs.prompt_logprobs[1:]]
-            for a, b in zip(ours.prompt_logprobs[1:], theirs.prompt_logprobs[1:], strict=True):
-                assert abs(a.logprob - b.logprob) < 1e-3
-        assert llm.engine.stats()["pages_used"] == 0
-    finally:
-        llm.shutdown()
