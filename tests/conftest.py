@@ -13,7 +13,7 @@ import pytest
 
 from graph import compile_cache
 from models.loader import LoadedModel, load_model
-from tests.server_fixtures import SMALL
+from tests.server_fixtures import SMALL, compile_small_artifact
 
 # The slow tier (`pytest -m "not slow"` leaves it out; `make test` runs it): every test that
 # compiles the real SmolLM2 or starts a server (through these fixtures, or as its module says with
@@ -52,10 +52,20 @@ def smol_model() -> LoadedModel:
 
 
 @pytest.fixture(scope="session")
-def smol_llm(smol_model):
+def aot_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's small bucket set (tests/server_fixtures.py `SMALL`), compiled once with
+    `python -m graph.aot`; every server of the session loads it."""
+    return compile_small_artifact(tmp_path_factory.mktemp("aot") / "smollm2-small")
+
+
+@pytest.fixture(scope="session")
+def smol_llm(smol_model, aot_dir):
+    """An engine in this process over the same bucket set: the artifact's compile filled the
+    session's compilation cache, so this one loads (an artifact holds fresh compilations only,
+    so the other order would compile twice)."""
     from graph.offline import LLM
 
-    llm = LLM(smol_model, SMALL)  # the shared server's bucket set: one compile for both
+    llm = LLM(smol_model, SMALL)
     yield llm
     llm.shutdown()
 

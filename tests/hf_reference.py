@@ -14,6 +14,22 @@ from models.loader import LoadedModel, load_model
 
 
 @contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """transformers on one thread: with any other load on a 2-core machine, two OpenMP threads that
+    spin-wait for each other make its small decode matmuls 2-15x slower (measured: Gemma's three
+    greedy continuations took 15-71 s with two threads, 9-11 s with one; SmolLM2's 64 tokens, 17 s
+    alone and 257 s beside another process)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
 def _keep_gguf_checkpoint(kept: list) -> Iterator[None]:
     """Let `load_model` hand us the `GGUFCheckpoint` it reads, so a GGUF file is dequantized once."""
     import models.gguf

@@ -179,17 +179,12 @@ def cache_args() -> list[str]:
     return ["--compile-cache", str(compile_cache.default_dir())]
 
 
-def _compile_aot(out: Path) -> Path:
+def compile_small_artifact(out: Path) -> Path:
+    """SMALL compiled with `python -m graph.aot` into `out` (tests/conftest.py's `aot_dir`)."""
     command = [sys.executable, "-m", "graph.aot", "--model", MODEL, "--out", str(out), *cache_args(), *SMALL_ENGINE]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return out
-
-
-@pytest.fixture(scope="session")
-def aot_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The small bucket set, compiled once per session."""
-    return _compile_aot(tmp_path_factory.mktemp("aot") / "smollm2-small")
 
 
 def start_make_serve(args: list[str], log_path: Path) -> ServerProcess:

@@ -23,7 +23,7 @@ import pytest
 
 from models.loader import LoadedModel
 from tests.forward_loop import greedy_generate, prompt_logits
-from tests.hf_reference import hf_greedy, hf_reference, load_with_checkpoint
+from tests.hf_reference import hf_greedy, hf_reference, load_with_checkpoint, one_torch_thread
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -63,13 +63,8 @@ def real(request) -> Iterator[tuple[LoadedModel, Any]]:
         model, checkpoint = load_with_checkpoint(request.param)  # Gemma's 262k vocabulary: read the file once
         hf = hf_reference(model, checkpoint)
         del checkpoint
-    # One torch thread: with any other load on a 2-core machine, two OpenMP threads that spin-wait
-    # for each other make transformers' small decode matmuls 2-7x slower (measured: Gemma's three
-    # greedy continuations took 15-71 s with two threads, 9-11 s with one).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield model, hf
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield model, hf
 
 
 @functools.cache
