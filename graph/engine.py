@@ -62,6 +62,7 @@ from graph.sampling import MAX_LOGIT_BIAS
 from graph.scheduler import Decode, Mixed, Prefill, Scheduler, Sequence
 from graph.shedding import Queue, WaitEstimator
 from graph.step import PACKED_ROWS
+from graph.structured import Grammars
 from models.loader import LoadedModel
 from models.tokenizer import Tokenizer
 
@@ -123,6 +124,8 @@ class Engine:
             max_pages=self.buckets.max_pages,
         )
         self.outputs = OutputProcessor(model.tokenizer, model.cfg, config.max_seq_len)
+        self.grammars = Grammars(model.tokenizer, model.cfg.vocab_size, self.outputs.eos_ids)
+        self.mask_seconds = 0.0  # host time spent computing grammar masks (all steps)
         self.params = device_weights(model.params, model.cfg, config)
         self.kv = table.init_kv()
         self._lock = threading.Condition()
@@ -191,10 +194,12 @@ class Engine:
     def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> RequestStream:
         """Queue a request; raises before anything is queued if it cannot be served."""
         self._validate(prompt_ids, params)
+        # compiled here, on the caller's thread: a grammar can take a while, and the steps go on
+        grammar = self.grammars.compile(params.structured) if params.structured is not None else None
         request_id = request_id or uuid.uuid4().hex
         stream = RequestStream(self, request_id, asyncio.get_running_loop())
         seed = params.seed if params.seed is not None else secrets.randbits(32)
-        seq = Sequence(request_id, list(prompt_ids), params, seed)
+        seq = Sequence(request_id, list(prompt_ids), params, seed, grammar=grammar)
         with self._lock:
             if not self._accepting:
                 raise EngineStoppedError("the server is shutting down")
@@ -355,7 +360,7 @@ class Engine:
                 self._queue_waits[seq.request_id] = started - queued_at
         if self.config.debug_step_delay:
             time.sleep(self.config.debug_step_delay)
-        key, inputs = build_step(decision, self.buckets, self.max_seq_len, self.outputs.suppressed)
+        key, inputs = build_step(decision, self.buckets, self.max_seq_len, self.outputs.suppressed, self._masks)
         self.step_kinds[key[0]] += 1
         kv, outs = self.table.get(key)(self.params, self.kv, inputs)
         if self.steps == self.config.debug_fail_step:  # after the pool was donated, as a device error
@@ -370,6 +375,13 @@ class Engine:
         else:
             self._after_decode(decision, outs[0])
         self.estimator.step(key[0], time.monotonic() - started)
+
+    def _masks(self, rows):
+        started = time.perf_counter()
+        try:
+            return self.grammars.masks(rows)
+        finally:
+            self.mask_seconds += time.perf_counter() - started
 
     def _recover(self, decision: Prefill | Decode | Mixed | None, error: Exception) -> bool:
         """After a failed step: end its requests with an error, requeue the running ones, drop
