@@ -5,18 +5,23 @@ alphabetical); this server's own extensions sit in one marked block at the end o
 Validation is strict: wrong JSON types are errors (no "1" -> 1), an unknown parameter is rejected
 (`extra="forbid"`), and an OpenAI parameter this server does not implement is rejected with a
 message that says so unless its value asks for what the server does anyway (`store: false`,
-`response_format: {"type": "text"}`, ...). Checks that involve several fields raise `ParamError`
-from the requests' `check()`. Rules that need the model or the engine's limits (context length,
+`service_tier: "auto"`, ...). Structured outputs come as `response_format` or under vLLM's
+names (`structured_outputs`, `guided_*`); `structured()` turns the one a request uses into the
+engine's `StructuredSpec`, and the engine compiles it. Checks that involve several fields raise
+`ParamError` from the requests' `check()`. Rules that need the model or the engine's limits (context length,
 vocabulary, seed range, min_tokens against max_tokens) are the engine's alone (`Engine.submit`);
 the bound on `n` is the server's `--max-n` (serving/handler.py).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+
+from graph.api import StructuredSpec
 
 MAX_STOP = 4
 COMPLETION_MAX_LOGPROBS = 20  # OpenAI allows 5; vLLM (and this server) up to MAX_TOP_LOGPROBS
@@ -51,7 +56,6 @@ _CHAT_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "prompt_cache_options": (),
     "prompt_cache_retention": (),
     "reasoning_effort": (),
-    "response_format": ({"type": "text"},),
     "service_tier": ("auto", "default"),
     "store": (False,),
     "tool_choice": ("none",),
@@ -162,13 +166,47 @@ def _logit_bias(v: dict[str, float] | None) -> dict[str, float] | None:
     return v
 
 
+class JSONSchemaFormat(_Strict):
+    name: str = Field(max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None  # the schema is always enforced
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("'json_schema' is required with type 'json_schema', and only allowed with it")
+        return self
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's `structured_outputs`: exactly one of these."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+def _schema_text(schema: dict[str, Any] | str) -> str:
+    return schema if isinstance(schema, str) else json.dumps(schema)
+
+
 class _SamplingRequest(_Strict):
-    """What chat and completion requests share: the sampling fields and their validation."""
+    """What chat and completion requests share: the sampling fields, their validation and the
+    structured-output fields' meaning."""
 
     frequency_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
     n: int | None = Field(default=1, ge=1)  # at most --max-n
     presence_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0)
+    response_format: ResponseFormat | None = None  # of chat; an extension of completions, as in vLLM
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool | None = False
@@ -183,16 +221,52 @@ class _SamplingRequest(_Strict):
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
     min_tokens: int | None = Field(default=None, ge=0)
     ignore_eos: bool | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     # ---- end of extensions --------------------------------------------------------------------
 
     _stop = field_validator("stop")(_stop_list)
     _bias = field_validator("logit_bias")(_logit_bias)
+
+    def structured(self) -> tuple[StructuredSpec | None, str | None]:
+        """-> (the output's constraint, the parameter that asked for it); ParamError for several."""
+        given: list[tuple[StructuredSpec, str]] = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            given.append((StructuredSpec("json_object"), "response_format"))
+        elif rf is not None and rf.json_schema is not None:
+            given.append((StructuredSpec("json_schema", _schema_text(rf.json_schema.schema_ or {})), "response_format"))
+        so = self.structured_outputs or StructuredOutputs()
+        for name, value in so.model_dump(by_alias=True, exclude_none=True).items():
+            if value is not False:  # json_object: false asks for nothing
+                given.append((self._spec(name, value), f"structured_outputs.{name}"))
+        for name in ("json", "regex", "choice", "grammar"):
+            if (value := getattr(self, f"guided_{name}")) is not None:
+                given.append((self._spec(name, value), f"guided_{name}"))
+        if len(given) > 1:
+            names = ", ".join(f"'{p}'" for _, p in given)
+            raise ParamError(given[1][1], f"Only one output constraint per request, not {names}")
+        return given[0] if given else (None, None)
+
+    @staticmethod
+    def _spec(name: str, value: Any) -> StructuredSpec:
+        if name == "json":
+            return StructuredSpec("json_schema", _schema_text(value))
+        if name == "choice":
+            return StructuredSpec("choice", tuple(value))
+        if name == "json_object":
+            return StructuredSpec("json_object")
+        return StructuredSpec(name, value)
 
     def stops(self) -> tuple[str, ...]:
         stop = self.stop
         return () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
 
     def _check_common(self) -> None:
+        self.structured()
         if self.stream_options is not None and not self.stream:
             raise ParamError("stream_options", "'stream_options' is only allowed when 'stream' is true")
 
@@ -217,7 +291,6 @@ class ChatCompletionRequest(_SamplingRequest):
     prompt_cache_options: Any = None
     prompt_cache_retention: Any = None
     reasoning_effort: Any = None
-    response_format: Any = None
     safety_identifier: str | None = Field(default=None, max_length=64)
     service_tier: Any = None
     store: Any = None

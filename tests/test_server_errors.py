@@ -58,7 +58,7 @@ BAD_REQUESTS = [
     ("chat", {**CHAT, "frobnicate": 1}, 400, "frobnicate", "Unrecognized request argument"),
     ("chat", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools", "not supported"),
     ("chat", {**CHAT, "tool_choice": "auto"}, 400, "tool_choice", "not supported"),
-    ("chat", {**CHAT, "response_format": {"type": "json_object"}}, 400, "response_format", "not supported"),
+    ("chat", {**CHAT, "response_format": {"type": "json_schema"}}, 400, "response_format", "is required"),
     ("chat", {**CHAT, "audio": {"voice": "alloy", "format": "wav"}}, 400, "audio", "not supported"),
     ("chat", {**CHAT, "max_tokens": MAX_SEQ_LEN}, 400, "messages", f"maximum context length is {MAX_SEQ_LEN}"),
     ("chat", {**CHAT, "extra_body": 1}, 400, "extra_body", "Unrecognized"),
