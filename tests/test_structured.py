@@ -75,6 +75,8 @@ def test_choices_and_regexes_always_match_and_end_the_request(tiny):
         assert c.text in CHOICES and c.finish_reason == "stop", c
     for c in out[4:]:
         assert re.fullmatch(PHONE, c.text) and c.finish_reason == "stop", c
+    for c in out:  # no end or special token inside the answer (the grammar allows none)
+        assert not set(c.token_ids) & tiny.tokenizer.special_ids, c
     assert len({c.text for c in out[4:]}) > 1  # sampled, not forced to one answer
 
 
