@@ -29,6 +29,7 @@ from serving.errors import bad_request
 from serving.generation import SSE_HEADERS, ClientDisconnected, Generation, finish_error, sse_stream, until_disconnect
 from serving.protocol import ChatCompletionRequest, CompletionRequest, UsageInfo, now
 from serving.state import ServerState
+from serving.tools import ParsedCall
 
 if TYPE_CHECKING:
     from graph.engine import Engine
@@ -44,6 +45,7 @@ class Part:
     text: str
     logprobs: Any = None
     finish_reason: str | None = None
+    tool_calls: list[ParsedCall] | None = None  # chat with tools: the message's calls, in its last part
 
 
 class Reply(abc.ABC):

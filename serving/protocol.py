@@ -50,7 +50,6 @@ _CHAT_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "metadata": ({},),
     "modalities": (["text"],),
     "moderation": (),
-    "parallel_tool_calls": (True, False),  # only means something together with tools
     "prediction": (),
     "prompt_cache_key": (),
     "prompt_cache_options": (),
@@ -58,8 +57,6 @@ _CHAT_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "reasoning_effort": (),
     "service_tier": ("auto", "default"),
     "store": (False,),
-    "tool_choice": ("none",),
-    "tools": (),
     "verbosity": (),
     "web_search_options": (),
 }
@@ -106,39 +103,63 @@ class ContentPart(_Strict):
         return self
 
 
-ROLES = ("system", "user", "assistant", "developer")
+ROLES = ("system", "user", "assistant", "developer", "tool")
+
+
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class ChatMessage(_Strict):
     role: str
+    tool_calls: list[ToolCall] | None = None  # assistant (before content, whose check reads it)
     content: str | list[ContentPart] | None = Field(default=None, validate_default=True)
     name: str | None = None
-    # Assistant / tool message fields of the reference that this server does not implement.
+    tool_call_id: str | None = Field(default=None, validate_default=True)  # tool
+    # Message fields of the reference that this server does not implement.
     refusal: Any = None
-    tool_calls: Any = None
-    tool_call_id: Any = None
     function_call: Any = None
     audio: Any = None
 
     @field_validator("role")
     @classmethod
     def _known_role(cls, v: str) -> str:
-        if v in ("tool", "function"):
-            raise ValueError(f"messages with role '{v}' are not supported by this server")
+        if v == "function":
+            raise ValueError("messages with role 'function' are not supported by this server (use 'tool')")
         if v not in ROLES:
             raise ValueError(f"unknown role '{v}' (expected one of: {', '.join(ROLES)})")
         return v
 
     @field_validator("content")
     @classmethod
-    def _content_given(cls, v: str | list[ContentPart] | None) -> str | list[ContentPart]:
-        if v is None:
+    def _content_given(cls, v: str | list[ContentPart] | None, info: Any) -> str | list[ContentPart] | None:
+        if v is None and not info.data.get("tool_calls"):
             raise ValueError("every message needs 'content' (a string or a list of text parts)")
         if isinstance(v, list) and not v:
             raise ValueError("'content' must not be an empty list")
         return v
 
-    @field_validator("refusal", "tool_calls", "tool_call_id", "function_call", "audio")
+    @field_validator("tool_call_id")
+    @classmethod
+    def _tool_call_id(cls, v: str | None, info: Any) -> str | None:
+        if (info.data.get("role") == "tool") != (v is not None):
+            raise ValueError("a 'tool' message needs 'tool_call_id', and only a 'tool' message takes it")
+        return v
+
+    @model_validator(mode="after")
+    def _tool_calls_of_assistant(self) -> ChatMessage:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only an 'assistant' message has 'tool_calls'")
+        return self
+
+    @field_validator("refusal", "function_call", "audio")
     @classmethod
     def _unsupported(cls, v: Any, info: Any) -> Any:
         return _not_supported(f"message {info.field_name}", v)
@@ -164,6 +185,27 @@ def _logit_bias(v: dict[str, float] | None) -> dict[str, float] | None:
         if not -100 <= bias <= 100:
             raise ValueError(f"'logit_bias' values must be between -100 and 100 (token {key}: {bias})")
     return v
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # the parameters are enforced with tool_choice required or named
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class JSONSchemaFormat(_Strict):
@@ -285,7 +327,7 @@ class ChatCompletionRequest(_SamplingRequest):
     metadata: Any = None
     modalities: Any = None
     moderation: Any = None
-    parallel_tool_calls: Any = None
+    parallel_tool_calls: bool | None = None
     prediction: Any = None
     prompt_cache_key: Any = None
     prompt_cache_options: Any = None
@@ -294,8 +336,8 @@ class ChatCompletionRequest(_SamplingRequest):
     safety_identifier: str | None = Field(default=None, max_length=64)
     service_tier: Any = None
     store: Any = None
-    tool_choice: Any = None
-    tools: Any = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tools: list[Tool] | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     verbosity: Any = None
     web_search_options: Any = None
@@ -308,9 +350,24 @@ class ChatCompletionRequest(_SamplingRequest):
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def tool_mode(self) -> str:
+        """none | auto | required | named: what the request asks of the tools it lists."""
+        choice = self.tool_choice
+        if not self.tools or choice == "none":
+            return "none"
+        return "named" if isinstance(choice, NamedToolChoice) else choice or "auto"
+
     def check(self) -> None:
         if self.top_logprobs is not None and not self.logprobs:
             raise ParamError("top_logprobs", "'top_logprobs' needs 'logprobs' set to true")
+        if self.tool_choice not in (None, "none") and not self.tools:
+            raise ParamError("tool_choice", "'tool_choice' needs 'tools'")
+        if isinstance(self.tool_choice, NamedToolChoice):
+            name = self.tool_choice.function.name
+            if name not in [t.function.name for t in self.tools or ()]:
+                raise ParamError("tool_choice", f"'tool_choice' names function '{name}', which is not in 'tools'")
+        if self.tool_mode() != "none" and self.structured()[0] is not None:
+            raise ParamError("tools", "'tools' and an output constraint (response_format, ...) exclude each other")
         self._check_common()
 
 
@@ -394,6 +451,21 @@ class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: str | None = None
+    tool_calls: list[ToolCall] | None = None  # left out when there are none (the reference has no null)
+
+    @model_serializer(mode="wrap")
+    def _calls_if_any(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("tool_calls") is None:
+            data.pop("tool_calls", None)
+        return data
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class ChatChoice(BaseModel):
@@ -418,10 +490,14 @@ class DeltaMessage(BaseModel):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer
     def _present(self) -> dict[str, Any]:
-        return {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
+        calls = [c.model_dump() for c in self.tool_calls] if self.tool_calls is not None else None
+        return {
+            k: v for k, v in (("role", self.role), ("content", self.content), ("tool_calls", calls)) if v is not None
+        }
 
 
 class ChatChunkChoice(BaseModel):
