@@ -58,7 +58,7 @@ from graph.executables import ExecutableTable
 from graph.kv_cache import PageAllocator, kv_bytes_per_page, plan_num_pages
 from graph.layout import device_weights
 from graph.outputs import OutputProcessor
-from graph.sampling import MAX_LOGIT_BIAS
+from graph.sampling import MAX_LOGIT_BIAS, MAX_SUPPRESS
 from graph.scheduler import Decode, Mixed, Prefill, Scheduler, Sequence
 from graph.shedding import Queue, WaitEstimator
 from graph.step import PACKED_ROWS
@@ -252,6 +252,16 @@ class Engine:
                 raise InvalidRequestError(
                     f"'logit_bias' names token {token_id}, outside the vocabulary (0..{vocab - 1})", "logit_bias"
                 )
+        if len(set(params.stop_token_ids) | self.outputs.eos_ids) > MAX_SUPPRESS:  # all suppressed before min_tokens
+            raise InvalidRequestError(
+                f"'stop_token_ids' has too many entries; this server takes at most "
+                f"{MAX_SUPPRESS - len(self.outputs.eos_ids)}",
+                "stop_token_ids",
+            )
+        if any(not 0 <= t < vocab for t in params.stop_token_ids):
+            raise InvalidRequestError(
+                f"'stop_token_ids' holds a token id outside the vocabulary (0..{vocab - 1})", "stop_token_ids"
+            )
         if params.min_tokens > params.max_tokens:
             raise InvalidRequestError(
                 f"'min_tokens' ({params.min_tokens}) is larger than max_tokens ({params.max_tokens})", "min_tokens"

@@ -71,6 +71,7 @@ def render_prompt(
     messages: list[ChatMessage],
     tools: list[dict[str, Any]] | None = None,
     template: str | None = None,
+    add_generation_prompt: bool = True,
 ) -> list[int]:
     """Messages (and tools) -> the chat template (the model's, or `template`) -> token ids (the
     template adds any special tokens). Only the template's own refusal is the client's fault (400);

@@ -130,6 +130,8 @@ class Reply(abc.ABC):
             logit_bias=tuple((int(k), float(v)) for k, v in (req.logit_bias or {}).items()),
             seed=req.seed,
             stop=req.stops(),
+            stop_token_ids=tuple(req.stop_token_ids or ()),
+            skip_special_tokens=req.skip_special_tokens is not False,
             ignore_eos=bool(req.ignore_eos),
             min_tokens=req.min_tokens or 0,
             logprobs=logprobs,

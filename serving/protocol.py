@@ -60,7 +60,7 @@ _CHAT_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "verbosity": (),
     "web_search_options": (),
 }
-_COMPLETION_UNSUPPORTED: dict[str, tuple[Any, ...]] = {"best_of": (1,), "suffix": ("",)}
+_COMPLETION_UNSUPPORTED: dict[str, tuple[Any, ...]] = {"suffix": ("",)}
 
 
 class _Strict(BaseModel):
@@ -263,6 +263,8 @@ class _SamplingRequest(_Strict):
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
     min_tokens: int | None = Field(default=None, ge=0)
     ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool | None = None
     structured_outputs: StructuredOutputs | None = None
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None
@@ -376,7 +378,7 @@ class CompletionRequest(_SamplingRequest):
 
     model: str
     prompt: str | list[str] | list[int] | list[list[int]]
-    best_of: int | None = None
+    best_of: int | None = Field(default=None, ge=1)  # only equal to n: every sampled choice is returned
     echo: bool | None = False
     logprobs: int | None = Field(default=None, ge=0, le=COMPLETION_MAX_LOGPROBS)
     max_tokens: int | None = Field(default=16, ge=0)
@@ -409,12 +411,50 @@ class CompletionRequest(_SamplingRequest):
         return list(p)
 
     def check(self) -> None:
+        if self.best_of is not None and self.best_of != (self.n or 1):
+            raise ParamError("best_of", f"'best_of' must equal 'n' ({self.n or 1}): this server returns every choice")
         if self.max_tokens == 0 and not self.echo:
             raise ParamError("max_tokens", "'max_tokens' may be 0 only with 'echo' set to true")
         self._check_common()
 
 
+class TokenizeRequest(_Strict):
+    """POST /tokenize (vLLM's shape): a prompt, or messages as the chat template renders them."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None  # default: true for a prompt; messages get the template's only
+    add_generation_prompt: bool | None = True
+    return_token_strs: bool | None = False
+
+    def check(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise ParamError("prompt", "Give either 'prompt' or 'messages'")
+
+
+class DetokenizeRequest(_Strict):
+    """POST /detokenize (vLLM's shape)."""
+
+    model: str | None = None
+    tokens: list[int]
+
+    def check(self) -> None:
+        pass
+
+
 # ---- responses ---------------------------------------------------------------------------------
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 def now() -> int:

@@ -63,6 +63,10 @@ BAD_REQUESTS = [
     ("chat", {**CHAT, "max_tokens": MAX_SEQ_LEN}, 400, "messages", f"maximum context length is {MAX_SEQ_LEN}"),
     ("chat", {**CHAT, "extra_body": 1}, 400, "extra_body", "Unrecognized"),
     ("chat", {**CHAT, "model": "gpt-4o"}, 404, "model", "does not exist"),
+    ("completion", {**COMPLETION, "best_of": 3}, 400, "best_of", "must equal 'n'"),
+    ("completion", {**COMPLETION, "stop_token_ids": [10**7]}, 400, "stop_token_ids", "outside the vocabulary"),
+    ("completion", {**COMPLETION, "stop_token_ids": list(range(40))}, 400, "stop_token_ids", "too many"),
+    ("chat", {**CHAT, "include_stop_str_in_output": True}, 400, "include_stop_str_in_output", "Unrecognized"),
     ("completion", {**COMPLETION, "prompt": []}, 400, "prompt", "empty"),
     ("completion", {**COMPLETION, "prompt": [[]]}, 400, "prompt", "empty"),
     ("completion", {**COMPLETION, "prompt": [1.5]}, 400, "prompt", "expected a string"),
@@ -75,7 +79,6 @@ BAD_REQUESTS = [
     ("completion", {**COMPLETION, "max_tokens": 0}, 400, "max_tokens", "echo"),
     ("completion", {**COMPLETION, "logprobs": 21}, 400, "logprobs", "less than or equal to 20"),
     ("completion", {**COMPLETION, "suffix": "end"}, 400, "suffix", "not supported"),
-    ("completion", {**COMPLETION, "best_of": 2}, 400, "best_of", "not supported"),
     ("completion", {**COMPLETION, "messages": HI}, 400, "messages", "Unrecognized"),
     (
         "completion",
