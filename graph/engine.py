@@ -2,13 +2,14 @@
 
 Threads and queues:
 - Callers (the HTTP server's event loop, or the offline API) call `submit()`: it validates the
-  request, puts it in the inbox (a lock-protected list) and returns a `RequestStream`, an async
-  iterator over an `asyncio.Queue` that belongs to the caller's event loop.
+  request, compiles its grammar if it has one (graph/structured.py), puts it in the inbox (a
+  lock-protected list) and returns a `RequestStream`, an async iterator over an `asyncio.Queue`
+  that belongs to the caller's event loop.
 - The step thread drains the inbox and the abort list, asks the `Scheduler` for the next step
-  (a prefill chunk, a decode batch, or both in one mixed step), pads it to its bucket, runs the
-  compiled executable with the KV pool donated, and turns the sampled tokens into `RequestOutput`
-  deltas (`graph/outputs.py`) which it hands to each request's queue with
-  `loop.call_soon_threadsafe`.
+  (a prefill chunk, a decode batch, or both in one mixed step), pads it to its bucket (with each
+  constrained row's token mask), runs the compiled executable with the KV pool donated, and turns
+  the sampled tokens into `RequestOutput` deltas (`graph/outputs.py`) which it hands to each
+  request's queue with `loop.call_soon_threadsafe`.
 - Closing a stream early (client gone) aborts its request: the step thread removes it and frees
   its pages before it schedules its next step, so a request aborted while it waits never runs.
 

@@ -139,7 +139,7 @@ class Grammars:
         """uint32 [len(rows), words]: each constrained row's allowed tokens after its output so far
         ((grammar, output)), all ones for None (unconstrained or padding rows)."""
         mask = np.full((len(rows), self.words), ALL_ALLOWED, np.uint32)
-        todo = [(g.sync(out), r) for r, row in enumerate(rows) if row is not None for g, out in (row,)]
+        todo = [(row[0].sync(row[1]), r) for r, row in enumerate(rows) if row is not None]
         if todo:
             if self._executor is None:
                 self._executor = llguidance.LLExecutor()
