@@ -12,10 +12,8 @@ import re
 import jsonschema
 import pytest
 
-pytest.register_assert_rewrite("tests.server_fixtures")
-
-from tests.server_fixtures import MODEL  # noqa: E402
-from tests.test_server_errors import assert_error, assert_still_serving  # noqa: E402
+from tests.server_fixtures import MODEL
+from tests.test_server_errors import assert_error, assert_still_serving
 
 pytest_plugins = ("tests.server_fixtures",)
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-pytest.register_assert_rewrite("tests.server_fixtures")
-
-from tests.server_fixtures import MAX_SEQ_LEN, MODEL  # noqa: E402
-from tests.test_server_errors import assert_error  # noqa: E402
+from tests.server_fixtures import MAX_SEQ_LEN, MODEL
+from tests.test_server_errors import assert_error
 
 pytest_plugins = ("tests.server_fixtures",)
 

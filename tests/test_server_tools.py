@@ -13,10 +13,8 @@ import httpx
 import jsonschema
 import pytest
 
-pytest.register_assert_rewrite("tests.server_fixtures")
-
-from tests.server_fixtures import MODEL, REPO, ServerProcess, start_server  # noqa: E402
-from tests.test_server_errors import assert_error  # noqa: E402
+from tests.server_fixtures import MODEL, REPO, ServerProcess, start_server
+from tests.test_server_errors import assert_error
 
 pytest_plugins = ("tests.server_fixtures",)
 
