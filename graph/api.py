@@ -100,9 +100,28 @@ class EngineConfig:
                 raise ValueError(f"{name} must be 0 or more")
 
 
+STRUCTURED_KINDS = ("json_object", "json_schema", "regex", "choice", "grammar")
+
+
+@dataclasses.dataclass(frozen=True)
+class StructuredSpec:
+    """A constraint on a request's output, as text: the engine compiles it into a grammar matcher
+    (graph/structured.py) whose token mask enters every step. `spec` is the JSON schema's text
+    (json_schema), a regular expression (regex), the choices (choice), a Lark grammar (grammar), or
+    empty (json_object: any JSON object)."""
+
+    kind: str
+    spec: str | tuple[str, ...] = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in STRUCTURED_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(STRUCTURED_KINDS)}, not {self.kind!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """Per-request sampling; every field travels to the device as an array value."""
+    """Per-request sampling; every field travels to the device as an array value (`structured` as
+    the token mask its grammar allows at each step)."""
 
     max_tokens: int = 16
     temperature: float = 1.0  # 0 = greedy
@@ -121,6 +140,7 @@ class SamplingParams:
     logprobs: int | None = None  # None: off; k >= 0: chosen token's logprob plus k alternatives
     prompt_logprobs: int | None = None  # same, for every prompt token (echo + logprobs)
     skip_special_tokens: bool = True
+    structured: StructuredSpec | None = None  # a grammar the output must follow (its mask: per step, on the host)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +158,7 @@ class RequestOutput:
     text: str  # new text since the previous delta (never part of a stop string)
     token_ids: list[int]  # new tokens since the previous delta
     logprobs: list[TokenLogprob] | None  # one per new token when requested
-    finish_reason: str | None = None  # stop | length | abort | error
+    finish_reason: str | None = None  # stop | length | abort | error (stop also: a grammar is complete)
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
     completion_tokens: int = 0  # total so far

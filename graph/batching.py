@@ -1,11 +1,13 @@
 """Host-side assembly of a step's inputs: a scheduler decision padded to its bucket as numpy
 arrays (one transfer per step). Padding tokens have position -1 and write only to scratch page 0;
-padding rows sample nothing anyone reads.
+padding rows sample nothing anyone reads. Each sampled row's token mask comes from its grammar
+(graph/structured.py) when it has one and its token will be kept, else it is all ones.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -16,6 +18,8 @@ from graph.scheduler import Decode, Mixed, Prefill, Sequence
 from graph.step import PACKED_ROWS, StepInputs
 
 Suppressed = Callable[[Sequence], tuple[int, ...]]
+# (grammar, output so far) of each sampled row, None if unconstrained -> uint32 [rows, ceil(V/32)]
+Masks = Callable[[list[tuple[Any, list[int]] | None]], np.ndarray]
 
 
 def _uses_penalties(seq: Sequence) -> bool:
@@ -23,8 +27,12 @@ def _uses_penalties(seq: Sequence) -> bool:
     return p.presence_penalty != 0 or p.frequency_penalty != 0 or p.repetition_penalty != 1
 
 
-def _rows(seqs: list[Sequence], R: int, H: int, suppressed: Suppressed):
-    """The sampled rows' arrays: penalty history, prompt lengths and sampling parameters."""
+def _rows(seqs: list[Sequence], R: int, H: int, rules: tuple[Suppressed, Masks], sampled: list[bool] | None = None):
+    """The sampled rows' arrays: penalty history, prompt lengths, sampling parameters and token
+    masks (of the rows whose token is kept: `sampled`, default all)."""
+    suppressed, masks = rules
+    kept = sampled or [True] * len(seqs)
+    grammars = [(s.grammar, s.output) if s.grammar is not None and k else None for s, k in zip(seqs, kept, strict=True)]
     history = np.full((R, H), -1, np.int32)
     prompt_len = np.zeros(R, np.int32)
     for r, seq in enumerate(seqs):
@@ -33,7 +41,7 @@ def _rows(seqs: list[Sequence], R: int, H: int, suppressed: Suppressed):
             tokens = seq.tokens
             history[r, : len(tokens)] = tokens
     rows = [(s.params, s.seed, suppressed(s)) for s in seqs] + [None] * (R - len(seqs))
-    return history, prompt_len, host_arrays(rows, R)
+    return history, prompt_len, host_arrays(rows, R), masks(grammars + [None] * (R - len(seqs)))
 
 
 def row_pages(step: Prefill, page_size: int) -> int:
@@ -41,7 +49,7 @@ def row_pages(step: Prefill, page_size: int) -> int:
     return sum(-(-(c.start + c.length) // page_size) for c in step.chunks)
 
 
-def _prefill(step: Prefill, T: int, W: int, S: int, max_seq_len: int, suppressed: Suppressed) -> StepInputs:
+def _prefill(step: Prefill, T: int, W: int, S: int, max_seq_len: int, rules: tuple[Suppressed, Masks]) -> StepInputs:
     """The chunks one after another in one row; each prompt's pages start at a page boundary of
     the row (`base`, in tokens), and its chunk's last token gives its sampled row."""
     tokens = np.zeros((1, T), np.int32)
@@ -64,13 +72,15 @@ def _prefill(step: Prefill, T: int, W: int, S: int, max_seq_len: int, suppressed
         next_tokens[0, at : at + len(following)] = following
         want |= seq.params.prompt_logprobs is not None and len(following) > 0
         at, page = at + n, page + len(pages)
-    history, prompt_len, sampling = _rows([c.seq for c in step.chunks], PACKED_ROWS, max_seq_len, suppressed)
+    seqs, final = [c.seq for c in step.chunks], [c.final for c in step.chunks]
+    history, prompt_len, sampling, mask = _rows(seqs, PACKED_ROWS, max_seq_len, rules, final)
     return StepInputs(
-        tokens, positions, base, page_table, last_index, sampling, history, prompt_len, next_tokens, np.bool_(want)
-    )
+        tokens, positions, base, page_table, last_index, sampling, mask, history, prompt_len, next_tokens,
+        np.bool_(want),
+    )  # fmt: skip
 
 
-def _decode(seqs: list[Sequence], B: int, W: int, max_seq_len: int, suppressed: Suppressed) -> StepInputs:
+def _decode(seqs: list[Sequence], B: int, W: int, max_seq_len: int, rules: tuple[Suppressed, Masks]) -> StepInputs:
     tokens = np.zeros((B, 1), np.int32)
     positions = np.full((B, 1), -1, np.int32)
     page_table = np.zeros((B, W), np.int32)
@@ -79,29 +89,29 @@ def _decode(seqs: list[Sequence], B: int, W: int, max_seq_len: int, suppressed: 
         positions[b, 0] = seq.computed
         pages = seq.pages[:W]
         page_table[b, : len(pages)] = pages
-    history, prompt_len, sampling = _rows(seqs, B, max_seq_len, suppressed)
+    history, prompt_len, sampling, mask = _rows(seqs, B, max_seq_len, rules)
     return StepInputs(
-        tokens, positions, None, page_table, np.arange(B, dtype=np.int32), sampling, history, prompt_len,
+        tokens, positions, None, page_table, np.arange(B, dtype=np.int32), sampling, mask, history, prompt_len,
         np.full((B, 1), -1, np.int32), np.bool_(False),
     )  # fmt: skip
 
 
 def build_step(
-    step: Prefill | Decode | Mixed, buckets: Buckets, max_seq_len: int, suppressed: Suppressed
+    step: Prefill | Decode | Mixed, buckets: Buckets, max_seq_len: int, suppressed: Suppressed, masks: Masks
 ) -> tuple[Key, tuple[StepInputs, ...]]:
     """A decision -> its bucket and the inputs of each of its segments (graph/programs.py)."""
-    S = buckets.page_size
+    S, rules = buckets.page_size, (suppressed, masks)
     if isinstance(step, Prefill):
         T = pick(buckets.prefill_tokens, step.tokens)
         W = pick(buckets.context_pages, row_pages(step, S))
-        return ("prefill", 1, T, W), (_prefill(step, T, W, S, max_seq_len, suppressed),)
+        return ("prefill", 1, T, W), (_prefill(step, T, W, S, max_seq_len, rules),)
     decode = step.decode if isinstance(step, Mixed) else step
     B = pick(buckets.decode_batch, len(decode.seqs))
     context = max(s.computed + 1 for s in decode.seqs)
     if isinstance(step, Decode):
         W = buckets.context_for(context)
-        return ("decode", B, 1, W), (_decode(decode.seqs, B, W, max_seq_len, suppressed),)
+        return ("decode", B, 1, W), (_decode(decode.seqs, B, W, max_seq_len, rules),)
     T, chunk = buckets.mixed_tokens, step.prefill
     W = pick(buckets.context_pages, max(-(-context // S), row_pages(chunk, S)))
-    inputs = (_decode(decode.seqs, B, W, max_seq_len, suppressed), _prefill(chunk, T, W, S, max_seq_len, suppressed))
+    inputs = (_decode(decode.seqs, B, W, max_seq_len, rules), _prefill(chunk, T, W, S, max_seq_len, rules))
     return ("mixed", B, T, W), inputs

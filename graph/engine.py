@@ -2,13 +2,14 @@
 
 Threads and queues:
 - Callers (the HTTP server's event loop, or the offline API) call `submit()`: it validates the
-  request, puts it in the inbox (a lock-protected list) and returns a `RequestStream`, an async
-  iterator over an `asyncio.Queue` that belongs to the caller's event loop.
+  request, compiles its grammar if it has one (graph/structured.py), puts it in the inbox (a
+  lock-protected list) and returns a `RequestStream`, an async iterator over an `asyncio.Queue`
+  that belongs to the caller's event loop.
 - The step thread drains the inbox and the abort list, asks the `Scheduler` for the next step
-  (a prefill chunk, a decode batch, or both in one mixed step), pads it to its bucket, runs the
-  compiled executable with the KV pool donated, and turns the sampled tokens into `RequestOutput`
-  deltas (`graph/outputs.py`) which it hands to each request's queue with
-  `loop.call_soon_threadsafe`.
+  (a prefill chunk, a decode batch, or both in one mixed step), pads it to its bucket (with each
+  constrained row's token mask), runs the compiled executable with the KV pool donated, and turns
+  the sampled tokens into `RequestOutput` deltas (`graph/outputs.py`) which it hands to each
+  request's queue with `loop.call_soon_threadsafe`.
 - Closing a stream early (client gone) aborts its request: the step thread removes it and frees
   its pages before it schedules its next step, so a request aborted while it waits never runs.
 
@@ -58,10 +59,11 @@ from graph.executables import ExecutableTable
 from graph.kv_cache import PageAllocator, kv_bytes_per_page, plan_num_pages
 from graph.layout import device_weights
 from graph.outputs import OutputProcessor
-from graph.sampling import MAX_LOGIT_BIAS
+from graph.sampling import MAX_LOGIT_BIAS, MAX_SUPPRESS
 from graph.scheduler import Decode, Mixed, Prefill, Scheduler, Sequence
 from graph.shedding import Queue, WaitEstimator
 from graph.step import PACKED_ROWS
+from graph.structured import Grammars
 from models.loader import LoadedModel
 from models.tokenizer import Tokenizer
 
@@ -123,6 +125,8 @@ class Engine:
             max_pages=self.buckets.max_pages,
         )
         self.outputs = OutputProcessor(model.tokenizer, model.cfg, config.max_seq_len)
+        self.grammars = Grammars(model.tokenizer, model.cfg.vocab_size, self.outputs.eos_ids)
+        self.mask_seconds = 0.0  # host time spent computing grammar masks (all steps)
         self.params = device_weights(model.params, model.cfg, config)
         self.kv = table.init_kv()
         self._lock = threading.Condition()
@@ -191,10 +195,12 @@ class Engine:
     def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> RequestStream:
         """Queue a request; raises before anything is queued if it cannot be served."""
         self._validate(prompt_ids, params)
+        # compiled here, on the caller's thread: a grammar can take a while, and the steps go on
+        grammar = self.grammars.compile(params.structured) if params.structured is not None else None
         request_id = request_id or uuid.uuid4().hex
         stream = RequestStream(self, request_id, asyncio.get_running_loop())
         seed = params.seed if params.seed is not None else secrets.randbits(32)
-        seq = Sequence(request_id, list(prompt_ids), params, seed)
+        seq = Sequence(request_id, list(prompt_ids), params, seed, grammar=grammar)
         with self._lock:
             if not self._accepting:
                 raise EngineStoppedError("the server is shutting down")
@@ -247,6 +253,16 @@ class Engine:
                 raise InvalidRequestError(
                     f"'logit_bias' names token {token_id}, outside the vocabulary (0..{vocab - 1})", "logit_bias"
                 )
+        if len(set(params.stop_token_ids) | self.outputs.eos_ids) > MAX_SUPPRESS:  # all suppressed before min_tokens
+            raise InvalidRequestError(
+                f"'stop_token_ids' has too many entries; this server takes at most "
+                f"{MAX_SUPPRESS - len(self.outputs.eos_ids)}",
+                "stop_token_ids",
+            )
+        if any(not 0 <= t < vocab for t in params.stop_token_ids):
+            raise InvalidRequestError(
+                f"'stop_token_ids' holds a token id outside the vocabulary (0..{vocab - 1})", "stop_token_ids"
+            )
         if params.min_tokens > params.max_tokens:
             raise InvalidRequestError(
                 f"'min_tokens' ({params.min_tokens}) is larger than max_tokens ({params.max_tokens})", "min_tokens"
@@ -355,7 +371,7 @@ class Engine:
                 self._queue_waits[seq.request_id] = started - queued_at
         if self.config.debug_step_delay:
             time.sleep(self.config.debug_step_delay)
-        key, inputs = build_step(decision, self.buckets, self.max_seq_len, self.outputs.suppressed)
+        key, inputs = build_step(decision, self.buckets, self.max_seq_len, self.outputs.suppressed, self._masks)
         self.step_kinds[key[0]] += 1
         kv, outs = self.table.get(key)(self.params, self.kv, inputs)
         if self.steps == self.config.debug_fail_step:  # after the pool was donated, as a device error
@@ -370,6 +386,13 @@ class Engine:
         else:
             self._after_decode(decision, outs[0])
         self.estimator.step(key[0], time.monotonic() - started)
+
+    def _masks(self, rows):
+        started = time.perf_counter()
+        try:
+            return self.grammars.masks(rows)
+        finally:
+            self.mask_seconds += time.perf_counter() - started
 
     def _recover(self, decision: Prefill | Decode | Mixed | None, error: Exception) -> bool:
         """After a failed step: end its requests with an error, requeue the running ones, drop

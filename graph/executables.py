@@ -33,6 +33,7 @@ from graph.api import ArtifactMismatchError, EngineConfig
 from graph.buckets import Buckets
 from graph.layout import layer_loop
 from graph.programs import INIT_KV, Key, StepProgram, lowerings, segments_of, unit_names
+from graph.step import StepInputs
 from models.config import ModelConfig
 
 log = logging.getLogger("graph.executables")
@@ -364,6 +365,7 @@ def identity(fingerprint: str, dtype: str, config: EngineConfig, buckets: Bucket
         "layer_loop": layer_loop(config),
         "quantize": config.quantize,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "step_inputs": list(StepInputs._fields),  # what every step takes (e.g. the grammar mask)
     }
 
 

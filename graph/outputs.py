@@ -1,5 +1,5 @@
 """From sampled token ids to `RequestOutput` deltas: finish conditions (end tokens, stop token
-ids, stop strings, max_tokens, context length), incremental detokenization that never splits a
+ids, stop strings, a complete grammar, max_tokens, context length), incremental detokenization that never splits a
 UTF-8 character, stop strings that are never shown, and logprobs.
 """
 
@@ -74,18 +74,22 @@ class OutputProcessor:
         logprobs = None
         if p.logprobs is not None:
             logprobs = [_logprob(token, sample.logprob[row], sample.top_ids[row], sample.top_logprobs[row], p.logprobs)]
-        finish, text = None, ""
+        finish, text, error = None, "", None
         if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
             finish = "stop"  # the end token itself is not shown
         else:
             text, stopped = state.stop.feed(state.detok.feed(token))
             finish = "stop" if stopped else None
+            if finish is None and seq.grammar is not None:  # its mask let only allowed tokens through
+                finish, error = seq.grammar.accept(seq.output)
         if finish is None and (len(seq.output) >= p.max_tokens or seq.length >= self.max_seq_len):
             finish = "length"
         if finish is not None and not state.stop.stopped:
             tail, stopped = state.stop.feed(state.detok.flush())
             text += tail + ("" if stopped else state.stop.flush())
-        return self._delta(seq, state, text, [token], logprobs, finish)
+        out = self._delta(seq, state, text, [token], logprobs, finish)
+        out.error = error
+        return out
 
     def _delta(self, seq, state: _State, text, tokens, logprobs, finish) -> RequestOutput:
         out = RequestOutput(

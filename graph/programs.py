@@ -88,7 +88,7 @@ def lowerings(
     weights = abstract_device_weights(cfg, dtype, config)
     segs = segments_of(key)
     W = key[3]
-    inputs = tuple(abstract_inputs((sp, sb, st, W), max_seq_len) for sp, sb, st in segs)
+    inputs = tuple(abstract_inputs((sp, sb, st, W), max_seq_len, cfg.vocab_size) for sp, sb, st in segs)
     prefill = tuple(sp == "prefill" for sp, _, _ in segs)
 
     def precise(fn: Callable[[], Any]) -> Callable[[], Any]:

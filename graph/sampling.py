@@ -1,11 +1,13 @@
 """On-device sampling, per row, with every parameter an array value (never a shape or a static).
 
-Order of operations (as vLLM): logit bias -> repetition / frequency / presence penalties ->
-suppression of end tokens before min_tokens -> greedy argmax, or temperature -> top-k -> top-p ->
-min-p -> a draw with the row's own key, `fold_in(key(seed), position)`, so a row's draw never
-depends on its neighbours. Log-probabilities are those of the model (raw logits' log-softmax), as
-in the OpenAI API. Expensive parts (sorting, penalties, top alternatives) sit under `lax.cond`
-and cost nothing when no row of the batch asks for them.
+Order of operations (as vLLM): the grammar's token mask (structured outputs: a masked token gets
+a -inf-like logit, so it is never drawn and has no probability in the logprobs) -> logit bias ->
+repetition / frequency / presence penalties -> suppression of end tokens before min_tokens ->
+greedy argmax, or temperature -> top-k -> top-p -> min-p -> a draw with the row's own key,
+`fold_in(key(seed), position)`, so a row's draw never depends on its neighbours. Log-probabilities
+are those of the model (the masked logits' log-softmax), as in the OpenAI API; an unconstrained
+row's mask is all ones and changes nothing. Expensive parts (sorting, penalties, top alternatives)
+sit under `lax.cond` and cost nothing when no row of the batch asks for them.
 """
 
 from __future__ import annotations
@@ -121,7 +123,10 @@ def sample(
     positions: jax.Array,  # i32 [B]: position of the token being sampled
     history: jax.Array,  # i32 [B, H]
     prompt_len: jax.Array,  # i32 [B]
+    mask: jax.Array | None = None,  # u32 [B, ceil(V/32)]: allowed tokens, bit t % 32 of word t // 32
 ) -> SampleOut:
+    if mask is not None:
+        logits = jnp.where(unpack_mask(mask, logits.shape[1]), logits, _NEG)
     model_logprobs = jax.nn.log_softmax(logits, axis=-1)
     x = _scatter_rows(logits, s.bias_ids, s.bias_values, "add")
     penalized = (s.presence != 0) | (s.frequency != 0) | (s.repetition != 1)
@@ -146,6 +151,12 @@ def sample(
         jnp.any(s.want_top), lambda: top_alternatives(model_logprobs), lambda: _no_top(logits)
     )
     return SampleOut(token, logprob, top_ids, top_lp)
+
+
+def unpack_mask(mask: jax.Array, vocab: int) -> jax.Array:
+    """u32 [B, W] packed bits -> bool [B, vocab]."""
+    bits = (mask[:, :, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1  # [B, W, 32]
+    return bits.reshape(mask.shape[0], -1)[:, :vocab].astype(jnp.bool_)
 
 
 def top_alternatives(logprobs: jax.Array) -> tuple[jax.Array, jax.Array]:

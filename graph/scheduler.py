@@ -56,6 +56,7 @@ class Sequence:
     cached: int = 0  # prompt tokens taken from the prefix cache at first admission
     hashes: list[bytes] = dataclasses.field(default_factory=list)  # of its full pages, chained
     state: Any = None  # the output processor's per-request state (detokenizer, stop matcher)
+    grammar: Any = None  # a constrained request's matcher (graph/structured.py), kept across preemption
 
     @property
     def tokens(self) -> list[int]:

@@ -36,6 +36,7 @@ class StepInputs(NamedTuple):
     page_table: jax.Array  # i32 [B, W]
     last_index: jax.Array  # i32 [R]: the token (flat index into B * T) whose logits give a row's next token
     sampling: SamplingArrays  # [R]
+    mask: jax.Array  # u32 [R, ceil(V/32)]: the tokens each row may sample (bit t % 32 of word t // 32)
     history: jax.Array  # i32 [R, H]: prompt + output tokens so far, -1 padded (penalties)
     prompt_len: jax.Array  # i32 [R]
     next_tokens: jax.Array  # i32 [B, T]: the token after each position (prompt logprobs), -1 none
@@ -47,7 +48,7 @@ def rows_of(phase: str, batch: int) -> int:
     return PACKED_ROWS if phase == "prefill" else batch
 
 
-def abstract_inputs(key: Key, max_seq_len: int) -> StepInputs:
+def abstract_inputs(key: Key, max_seq_len: int, vocab_size: int) -> StepInputs:
     phase, B, T, W = key
     R = rows_of(phase, B)
     i32, f32 = jnp.int32, jnp.float32
@@ -75,6 +76,7 @@ def abstract_inputs(key: Key, max_seq_len: int) -> StepInputs:
             seed=a((R,), jnp.uint32),
             want_top=a((R,), jnp.bool_),
         ),
+        mask=a((R, -(-vocab_size // 32)), jnp.uint32),
         history=a((R, max_seq_len)),
         prompt_len=a((R,)),
         next_tokens=a((B, T)),
@@ -120,7 +122,7 @@ def back(w: Weights, h: jax.Array, inp: StepInputs, *, cfg: ModelConfig, prefill
     last = h.reshape(-1, h.shape[-1])[inp.last_index]  # [R, D]
     logits = unembed(w, cfg, last)  # f32 [R, V]
     sample_pos = inp.positions.reshape(-1)[inp.last_index] + 1
-    out = sample(logits, inp.sampling, sample_pos, inp.history, inp.prompt_len)
+    out = sample(logits, inp.sampling, sample_pos, inp.history, inp.prompt_len, inp.mask)
     prompt = None
     if prefill:
         B, T = inp.tokens.shape

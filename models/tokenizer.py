@@ -87,20 +87,37 @@ class Tokenizer:
             return frozenset()
         return frozenset(i for t, i in self.hf.get_vocab().items() if t.startswith("<0x") and _BYTE_TOKEN.fullmatch(t))
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        """The conversation rendered as prompt text (including any BOS the template writes)."""
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        template: str | None = None,
+    ) -> str:
+        """The conversation rendered as prompt text (including any BOS the template writes), with
+        `tools` (JSON schemas of functions) given to the template as transformers gives them, by
+        the model's template or `template` (Jinja text) instead."""
         from jinja2 import TemplateError
 
-        if not self.has_chat_template:
+        if template is None and not self.has_chat_template:
             raise NoChatTemplateError(f"{self.name or 'this model'}: the tokenizer has no chat template")
         try:
-            return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+            return self.hf.apply_chat_template(
+                messages,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                tools=tools,
+                chat_template=template,
+            )
         except TemplateError as e:
             raise ChatTemplateError(f"the chat template rejected the messages: {e}") from e
 
-    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+    ) -> list[int]:
         """Prompt ids of a conversation; special tokens come from the template only, as in transformers."""
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+        text = self.apply_chat_template(messages, add_generation_prompt, **kwargs)
+        return self.encode(text, add_special_tokens=False)
 
 
 def load_tokenizer(path_or_dir: str | Path, *, eos_token_ids: Iterable[int] = ()) -> Tokenizer:

@@ -32,9 +32,12 @@ from graph.step import abstract_inputs, rows_of
 from models.loader import load_model
 
 
-def segment_inputs(phase: str, B: int, T: int, W: int, config: EngineConfig, context: int, num_pages: int, rng):
-    """One segment's inputs: every row (or, for a chunk, its one prompt) at `context` tokens on."""
-    abstract = abstract_inputs((phase, B, T, W), config.max_seq_len)
+def segment_inputs(
+    phase: str, B: int, T: int, W: int, config: EngineConfig, vocab: int, context: int, num_pages: int, rng
+):
+    """One segment's inputs: every row (or, for a chunk, its one prompt) at `context` tokens on,
+    unconstrained (an all-ones token mask)."""
+    abstract = abstract_inputs((phase, B, T, W), config.max_seq_len, vocab)
     arrays = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
     R = rows_of(phase, B)
     pages = rng.permutation(np.arange(1, num_pages))[: B * W].reshape(B, W).astype(np.int32)
@@ -46,6 +49,7 @@ def segment_inputs(phase: str, B: int, T: int, W: int, config: EngineConfig, con
         page_table=pages,
         last_index=last,
         sampling=host_arrays([(SamplingParams(temperature=0), 0, ())] * R, R),
+        mask=np.full(abstract.mask.shape, 0xFFFFFFFF, np.uint32),
         history=np.full((R, config.max_seq_len), -1, np.int32),
     )
 
@@ -76,7 +80,8 @@ def time_variant(model, variant: str, args) -> None:
     for key in keys:
         compiled, kv = table.get(key), table.init_kv()
         inputs = tuple(
-            segment_inputs(phase, B, T, W, config, args.context, num_pages, rng) for phase, B, T in segments_of(key)
+            segment_inputs(phase, B, T, W, config, model.cfg.vocab_size, args.context, num_pages, rng)
+            for phase, B, T in segments_of(key)
         )
         inputs = jax.device_put(inputs)
         for _ in range(3):

@@ -22,11 +22,21 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serving.chat import ChatReply
+from serving.chat import ChatReply, render_prompt
 from serving.completion import CompletionReply
-from serving.errors import APIError, from_param_error, from_validation_error
+from serving.errors import APIError, bad_request, from_param_error, from_validation_error
 from serving.handler import Reply, handle
-from serving.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, ParamError
+from serving.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ModelCard,
+    ModelList,
+    ParamError,
+    TokenizeRequest,
+    TokenizeResponse,
+)
 from serving.state import ServerState
 
 log = logging.getLogger("serving.app")
@@ -102,6 +112,34 @@ async def get_model(request: Request) -> Response:
     state.ready_engine()
     state.check_model(request.path_params["model_id"])
     return JSONResponse(_card(state).model_dump())
+
+
+async def tokenize(request: Request) -> Response:
+    state, req = await _body_request(request, TokenizeRequest)
+    engine = state.ready_engine()
+    if req.model is not None:
+        state.check_model(req.model)
+    tok = engine.tokenizer
+    if req.messages is not None:  # special tokens: the template's, plus a BOS if asked and missing
+        add = bool(req.add_generation_prompt)
+        ids = render_prompt(tok, req.messages, template=state.chat_template, add_generation_prompt=add)
+        if req.add_special_tokens and tok.bos_token_id is not None and ids[:1] != [tok.bos_token_id]:
+            ids = [tok.bos_token_id, *ids]
+    else:
+        ids = engine.tokenizer.encode(req.prompt or "", add_special_tokens=req.add_special_tokens is not False)
+    strs = engine.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+    out = TokenizeResponse(count=len(ids), max_model_len=engine.max_seq_len, tokens=ids, token_strs=strs)
+    return JSONResponse(out.model_dump())
+
+
+async def detokenize(request: Request) -> Response:
+    state, req = await _body_request(request, DetokenizeRequest)
+    engine = state.ready_engine()
+    if req.model is not None:
+        state.check_model(req.model)
+    if any(not 0 <= t < engine.vocab_size for t in req.tokens):
+        raise bad_request(f"'tokens' holds an id outside the vocabulary (0..{engine.vocab_size - 1})", "tokens")
+    return JSONResponse(DetokenizeResponse(prompt=engine.tokenizer.decode(req.tokens)).model_dump())
 
 
 async def health(request: Request) -> Response:
@@ -204,6 +242,8 @@ def build_app(state: ServerState) -> Starlette:
         Route("/v1/completions", generation_route(CompletionRequest, CompletionReply), methods=["POST"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
+        Route("/tokenize", tokenize, methods=["POST"]),
+        Route("/detokenize", detokenize, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]

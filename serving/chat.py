@@ -1,10 +1,19 @@
-"""POST /v1/chat/completions: messages -> chat template -> engine -> `chat.completion`(`.chunk`s)."""
+"""POST /v1/chat/completions: messages -> chat template -> engine -> `chat.completion`(`.chunk`s).
+
+With `tools` (and `--tool-call-parser`), the tools are rendered by the chat template, and the
+parser reads the calls from each choice's text (serving/tools.py): content streams until tool-call
+markup may begin, and the calls come in the choice's last chunk. `tool_choice: "required"` or a
+named function constrains the output to calls (the parameters' JSON schema included) with the
+engine's grammar mask."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Iterator
+from typing import Any
 
-from graph.api import RequestOutput
+from graph.api import RequestOutput, SamplingParams, StructuredSpec
 from models.tokenizer import ChatTemplateError, NoChatTemplateError, Tokenizer
 from serving.errors import bad_request
 from serving.generation import sse_frame
@@ -20,8 +29,13 @@ from serving.protocol import (
     ChatMessage,
     ChatResponseMessage,
     DeltaMessage,
+    DeltaToolCall,
+    FunctionCall,
+    NamedToolChoice,
+    ToolCall,
     UsageInfo,
 )
+from serving.tools import ParsedCall, StreamSplitter, ToolParser, call_schema, parser
 
 _NO_TEMPLATE = (
     "This model has no chat template, so it cannot serve /v1/chat/completions. "
@@ -29,19 +43,44 @@ _NO_TEMPLATE = (
 )
 
 
-def render_prompt(tokenizer: Tokenizer, messages: list[ChatMessage]) -> list[int]:
-    """Messages -> the model's chat template -> token ids (the template adds any special tokens).
-    Only the template's own refusal is the client's fault (400); anything else it raises is a bug
-    of ours or of the template, and reaches the app's 500 handler, which logs its trace."""
-    turns = []
-    for m in messages:
-        # Chat templates know `system`; `developer` is OpenAI's newer name for the same turn.
-        turn = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-        if m.name is not None:
-            turn["name"] = m.name
-        turns.append(turn)
+def _turn(m: ChatMessage) -> dict[str, Any]:
+    # Chat templates know `system`; `developer` is OpenAI's newer name for the same turn.
+    turn: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+    if m.name is not None:
+        turn["name"] = m.name
+    if m.tool_call_id is not None:
+        turn["tool_call_id"] = m.tool_call_id
+    if m.tool_calls:
+        turn["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": _arguments(c)}}
+            for c in m.tool_calls
+        ]
+    return turn
+
+
+def _arguments(call: ToolCall) -> Any:
+    """A call's arguments as templates take them (transformers: a dict), or the text if not JSON."""
     try:
-        return tokenizer.encode_chat(turns, add_generation_prompt=True)
+        return json.loads(call.function.arguments)
+    except json.JSONDecodeError:
+        return call.function.arguments
+
+
+def render_prompt(
+    tokenizer: Tokenizer,
+    messages: list[ChatMessage],
+    tools: list[dict[str, Any]] | None = None,
+    template: str | None = None,
+    add_generation_prompt: bool = True,
+) -> list[int]:
+    """Messages (and tools) -> the chat template (the model's, or `template`) -> token ids (the
+    template adds any special tokens). Only the template's own refusal is the client's fault (400);
+    anything else it raises is a bug of ours or of the template, and reaches the app's 500 handler,
+    which logs its trace."""
+    try:
+        return tokenizer.encode_chat(
+            [_turn(m) for m in messages], add_generation_prompt=True, tools=tools, template=template
+        )
     except NoChatTemplateError as e:
         raise bad_request(_NO_TEMPLATE, "messages", "no_chat_template") from e
     except ChatTemplateError as e:  # the template itself refuses (e.g. "roles must alternate")
@@ -53,12 +92,36 @@ class ChatReply(Reply):
     prompt_param = "messages"
     req: ChatCompletionRequest
 
+    def __init__(self, req: ChatCompletionRequest, state: Any, engine: Any) -> None:
+        super().__init__(req, state, engine)
+        self.template = state.chat_template
+        self.tool_mode = req.tool_mode()
+        self.parser: ToolParser | None = None
+        if self.tool_mode != "none":
+            if state.config.tool_call_parser is None:
+                raise bad_request("This server takes no 'tools': it was started without --tool-call-parser", "tools")
+            self.parser = parser(state.config.tool_call_parser)
+        self._splitters: dict[int, StreamSplitter] = {}
+
     @property
     def user(self) -> str | None:
         return self.req.user or self.req.safety_identifier
 
     def prompts(self) -> list[list[int]]:
-        return [render_prompt(self.engine.tokenizer, self.req.messages)]
+        tools = [t.model_dump(exclude_none=True) for t in self.req.tools or ()] if self.parser else None
+        return [render_prompt(self.engine.tokenizer, self.req.messages, tools, self.template)]
+
+    def sampling_params(self, prompts: list[list[int]]) -> SamplingParams:
+        params = super().sampling_params(prompts)
+        if self.parser is None or self.tool_mode == "auto":
+            return params
+        tools = self.req.tools or []
+        if isinstance(self.req.tool_choice, NamedToolChoice):
+            tools = [t for t in tools if t.function.name == self.req.tool_choice.function.name]
+        schemas = [call_schema(t.function.name, t.function.parameters) for t in tools]
+        grammar = self.parser.grammar(schemas, parallel=self.req.parallel_tool_calls is not False)
+        self.structured_param = "tools"
+        return dataclasses.replace(params, structured=StructuredSpec("grammar", grammar))
 
     def max_tokens(self, prompts: list[list[int]]) -> int:
         max_tokens = self.req.max_new_tokens()
@@ -71,13 +134,24 @@ class ChatReply(Reply):
 
     def part(self, index: int, out: RequestOutput) -> Part:
         logprobs = chat_logprobs(self.token_texts, out.logprobs or ()) if self.req.logprobs else None
-        return Part(out.text, logprobs, out.finish_reason)
+        if self.parser is None:
+            return Part(out.text, logprobs, out.finish_reason)
+        splitter = self._splitters.setdefault(index, StreamSplitter(self.parser))
+        text, calls, finish = splitter.feed(out.text), None, out.finish_reason
+        if finish is not None:
+            rest, calls = splitter.finish()
+            text += rest
+            finish = "tool_calls" if calls else finish
+        return Part(text, logprobs, finish, calls or None)
 
     def frames(self, index: int, part: Part) -> Iterator[bytes]:
-        """A content delta, then (on the last part) a finish chunk with an empty delta."""
+        """A content delta, the tool calls, then (on the last part) a finish chunk with an empty delta."""
         if part.text or part.logprobs:
             logprobs = ChatChoiceLogprobs(content=part.logprobs) if part.logprobs is not None else None
             yield self.chunk([ChatChunkChoice(index=index, delta=DeltaMessage(content=part.text), logprobs=logprobs)])
+        if part.tool_calls:
+            calls = [DeltaToolCall(index=i, id=c.id, function=_function(c)) for i, c in enumerate(part.tool_calls)]
+            yield self.chunk([ChatChunkChoice(index=index, delta=DeltaMessage(tool_calls=calls))])
         if part.finish_reason is not None:
             yield self.chunk([ChatChunkChoice(index=index, delta=DeltaMessage(), finish_reason=part.finish_reason)])
 
@@ -90,7 +164,9 @@ class ChatReply(Reply):
         logprobs = None
         if self.req.logprobs:
             logprobs = ChatChoiceLogprobs(content=[entry for p in parts for entry in p.logprobs])
-        message = ChatResponseMessage(content="".join(p.text for p in parts))
+        content, calls = "".join(p.text for p in parts), parts[-1].tool_calls
+        tool_calls = [ToolCall(id=c.id, function=_function(c)) for c in calls] if calls else None
+        message = ChatResponseMessage(content=content or (None if tool_calls else ""), tool_calls=tool_calls)
         return ChatChoice(index=index, message=message, logprobs=logprobs, finish_reason=parts[-1].finish_reason)
 
     def response(self, choices: list[ChatChoice], usage: UsageInfo) -> ChatCompletionResponse:
@@ -100,3 +176,7 @@ class ChatReply(Reply):
         chunk = ChatCompletionChunk(**self.envelope(), choices=choices, usage=usage)
         # With include_usage every chunk has `usage` (null but in the last one), as OpenAI sends it.
         return sse_frame(chunk, exclude=None if self.include_usage else {"usage"})
+
+
+def _function(call: ParsedCall) -> FunctionCall:
+    return FunctionCall(name=call.name, arguments=call.arguments)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 from graph.api import DTYPES, EngineConfig
 from graph.cli import add_options, build
+from serving.tools import PARSERS
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
@@ -33,6 +34,12 @@ class ServerConfig:
     shutdown_timeout: float = 30.0  # on SIGINT/SIGTERM, how long in-flight requests may run on
     log_level: str = "info"  # critical | error | warning | info | debug
     access_log: bool = False  # log one line per HTTP request
+    chat_template: str | None = (
+        None  # a Jinja chat template file used instead of the model's (e.g. serving/templates/hermes_tools.jinja)
+    )
+    tool_call_parser: str | None = (
+        None  # hermes | llama3_json: how tool calls are read from the model's text (none: no tools)
+    )
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
@@ -40,6 +47,8 @@ class ServerConfig:
             raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, not {self.log_level!r}")
         if self.max_n < 1:
             raise ValueError("max_n must be at least 1")
+        if self.tool_call_parser is not None and self.tool_call_parser not in PARSERS:
+            raise ValueError(f"tool_call_parser must be one of {', '.join(PARSERS)}, not {self.tool_call_parser!r}")
         if self.max_body_bytes < 1:
             raise ValueError("max_body_bytes must be at least 1")
 
@@ -49,7 +58,9 @@ def build_parser(prog: str = "python -m serving.main") -> argparse.ArgumentParse
         prog=prog,
         description="Serve a model over the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models).",
     )
-    add_options(parser, ServerConfig, choices={"log_level": LOG_LEVELS, "dtype": tuple(DTYPES)})
+    add_options(
+        parser, ServerConfig, choices={"log_level": LOG_LEVELS, "dtype": tuple(DTYPES), "tool_call_parser": PARSERS}
+    )
     return parser
 
 

@@ -133,8 +133,11 @@ def from_param_error(error: ParamError) -> APIError:
     return bad_request(error.message, error.param, "invalid_value")
 
 
-def from_engine_error(error: EngineError, param: str | None = None) -> APIError:
-    """Errors of `Engine.submit` -> their HTTP answer; `param` names the prompt (messages | prompt)."""
+def from_engine_error(
+    error: EngineError, param: str | None = None, param_names: dict[str, str] | None = None
+) -> APIError:
+    """Errors of `Engine.submit` -> their HTTP answer; `param` names the prompt (messages | prompt),
+    `param_names` the request parameters of `SamplingParams` fields named otherwise."""
     if isinstance(error, QueueFullError):
         retry = str(max(1, math.ceil(error.retry_after)))
         return APIError(
@@ -143,7 +146,8 @@ def from_engine_error(error: EngineError, param: str | None = None) -> APIError:
     if isinstance(error, RequestTooLargeError):
         return bad_request(str(error), param, "context_length_exceeded")
     if isinstance(error, InvalidRequestError):
-        return bad_request(str(error), error.param or param, "invalid_value")
+        named = (param_names or {}).get(error.param or "", error.param)
+        return bad_request(str(error), named or param, "invalid_value")
     if isinstance(error, EngineBrokenError):
         return engine_unavailable(str(error))
     if isinstance(error, EngineStoppedError):

@@ -103,9 +103,16 @@ class Generation:
         self._choices_per_prompt = 1
         self._ended_early = False  # counted as failed or aborted (once per HTTP request)
 
-    def submit(self, prompts: Sequence[list[int]], params: Sequence[SamplingParams], param: str) -> None:
+    def submit(
+        self,
+        prompts: Sequence[list[int]],
+        params: Sequence[SamplingParams],
+        param: str,
+        param_names: dict[str, str] | None = None,
+    ) -> None:
         """Submit `len(params)` choices per prompt (choice index: prompt index * n + sample index);
-        if the engine refuses one, abort those already submitted."""
+        if the engine refuses one, abort those already submitted. An error about the prompt names
+        `param`; one about a `SamplingParams` field, its request parameter (`param_names`)."""
         try:
             for prompt in prompts:
                 for p in params:
@@ -117,7 +124,7 @@ class Generation:
             if isinstance(e, QueueFullError):
                 self._metrics.shed.inc()
             if isinstance(e, EngineError):
-                raise from_engine_error(e, param) from e
+                raise from_engine_error(e, param, param_names) from e
             raise
         self._last_token_at = [None] * len(self._streams)
         self.completion_tokens = [0] * len(self._streams)

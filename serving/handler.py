@@ -29,6 +29,7 @@ from serving.errors import bad_request
 from serving.generation import SSE_HEADERS, ClientDisconnected, Generation, finish_error, sse_stream, until_disconnect
 from serving.protocol import ChatCompletionRequest, CompletionRequest, UsageInfo, now
 from serving.state import ServerState
+from serving.tools import ParsedCall
 
 if TYPE_CHECKING:
     from graph.engine import Engine
@@ -44,6 +45,7 @@ class Part:
     text: str
     logprobs: Any = None
     finish_reason: str | None = None
+    tool_calls: list[ParsedCall] | None = None  # chat with tools: the message's calls, in its last part
 
 
 class Reply(abc.ABC):
@@ -52,6 +54,7 @@ class Reply(abc.ABC):
     id_prefix: ClassVar[str]  # of the response id: chatcmpl | cmpl
     prompt_param: ClassVar[str]  # the parameter an error about the prompt names
     req: ChatCompletionRequest | CompletionRequest
+    structured_param: str | None = None  # the parameter that constrains the output, if any
 
     def __init__(self, req: Any, state: ServerState, engine: Engine) -> None:
         self.req = req
@@ -114,6 +117,7 @@ class Reply(abc.ABC):
     def sampling_params(self, prompts: list[list[int]]) -> SamplingParams:
         req = self.req
         logprobs, prompt_logprobs = self.logprobs()
+        structured, self.structured_param = req.structured()
         return SamplingParams(
             max_tokens=self.max_tokens(prompts),
             temperature=1.0 if req.temperature is None else req.temperature,
@@ -126,11 +130,19 @@ class Reply(abc.ABC):
             logit_bias=tuple((int(k), float(v)) for k, v in (req.logit_bias or {}).items()),
             seed=req.seed,
             stop=req.stops(),
+            stop_token_ids=tuple(req.stop_token_ids or ()),
+            skip_special_tokens=req.skip_special_tokens is not False,
             ignore_eos=bool(req.ignore_eos),
             min_tokens=req.min_tokens or 0,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            structured=structured,
         )
+
+    def param_names(self) -> dict[str, str]:
+        """`SamplingParams` fields -> the request parameter that set them, where the names differ
+        (for the engine's errors; call after `sampling_params`)."""
+        return {"structured": self.structured_param} if self.structured_param else {}
 
 
 def choice_params(base: SamplingParams, n: int, max_n: int) -> list[SamplingParams]:
@@ -153,7 +165,7 @@ async def handle(
     prompts = reply.prompts()
     params = choice_params(reply.sampling_params(prompts), req.n or 1, state.config.max_n)
     gen = Generation(engine, state.metrics, reply.request_id)
-    gen.submit(prompts, params, reply.prompt_param)
+    gen.submit(prompts, params, reply.prompt_param, reply.param_names())
     log.debug("%s: %d prompts, n=%d, user=%s", reply.request_id, len(prompts), len(params), reply.user)
     if req.stream:
         return StreamingResponse(stream(reply, gen), media_type="text/event-stream", headers=SSE_HEADERS)

@@ -5,18 +5,23 @@ alphabetical); this server's own extensions sit in one marked block at the end o
 Validation is strict: wrong JSON types are errors (no "1" -> 1), an unknown parameter is rejected
 (`extra="forbid"`), and an OpenAI parameter this server does not implement is rejected with a
 message that says so unless its value asks for what the server does anyway (`store: false`,
-`response_format: {"type": "text"}`, ...). Checks that involve several fields raise `ParamError`
-from the requests' `check()`. Rules that need the model or the engine's limits (context length,
+`service_tier: "auto"`, ...). Structured outputs come as `response_format` or under vLLM's
+names (`structured_outputs`, `guided_*`); `structured()` turns the one a request uses into the
+engine's `StructuredSpec`, and the engine compiles it. Checks that involve several fields raise
+`ParamError` from the requests' `check()`. Rules that need the model or the engine's limits (context length,
 vocabulary, seed range, min_tokens against max_tokens) are the engine's alone (`Engine.submit`);
 the bound on `n` is the server's `--max-n` (serving/handler.py).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+
+from graph.api import StructuredSpec
 
 MAX_STOP = 4
 COMPLETION_MAX_LOGPROBS = 20  # OpenAI allows 5; vLLM (and this server) up to MAX_TOP_LOGPROBS
@@ -45,21 +50,17 @@ _CHAT_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "metadata": ({},),
     "modalities": (["text"],),
     "moderation": (),
-    "parallel_tool_calls": (True, False),  # only means something together with tools
     "prediction": (),
     "prompt_cache_key": (),
     "prompt_cache_options": (),
     "prompt_cache_retention": (),
     "reasoning_effort": (),
-    "response_format": ({"type": "text"},),
     "service_tier": ("auto", "default"),
     "store": (False,),
-    "tool_choice": ("none",),
-    "tools": (),
     "verbosity": (),
     "web_search_options": (),
 }
-_COMPLETION_UNSUPPORTED: dict[str, tuple[Any, ...]] = {"best_of": (1,), "suffix": ("",)}
+_COMPLETION_UNSUPPORTED: dict[str, tuple[Any, ...]] = {"suffix": ("",)}
 
 
 class _Strict(BaseModel):
@@ -102,39 +103,63 @@ class ContentPart(_Strict):
         return self
 
 
-ROLES = ("system", "user", "assistant", "developer")
+ROLES = ("system", "user", "assistant", "developer", "tool")
+
+
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class ChatMessage(_Strict):
     role: str
+    tool_calls: list[ToolCall] | None = None  # assistant (before content, whose check reads it)
     content: str | list[ContentPart] | None = Field(default=None, validate_default=True)
     name: str | None = None
-    # Assistant / tool message fields of the reference that this server does not implement.
+    tool_call_id: str | None = Field(default=None, validate_default=True)  # tool
+    # Message fields of the reference that this server does not implement.
     refusal: Any = None
-    tool_calls: Any = None
-    tool_call_id: Any = None
     function_call: Any = None
     audio: Any = None
 
     @field_validator("role")
     @classmethod
     def _known_role(cls, v: str) -> str:
-        if v in ("tool", "function"):
-            raise ValueError(f"messages with role '{v}' are not supported by this server")
+        if v == "function":
+            raise ValueError("messages with role 'function' are not supported by this server (use 'tool')")
         if v not in ROLES:
             raise ValueError(f"unknown role '{v}' (expected one of: {', '.join(ROLES)})")
         return v
 
     @field_validator("content")
     @classmethod
-    def _content_given(cls, v: str | list[ContentPart] | None) -> str | list[ContentPart]:
-        if v is None:
+    def _content_given(cls, v: str | list[ContentPart] | None, info: Any) -> str | list[ContentPart] | None:
+        if v is None and not info.data.get("tool_calls"):
             raise ValueError("every message needs 'content' (a string or a list of text parts)")
         if isinstance(v, list) and not v:
             raise ValueError("'content' must not be an empty list")
         return v
 
-    @field_validator("refusal", "tool_calls", "tool_call_id", "function_call", "audio")
+    @field_validator("tool_call_id")
+    @classmethod
+    def _tool_call_id(cls, v: str | None, info: Any) -> str | None:
+        if (info.data.get("role") == "tool") != (v is not None):
+            raise ValueError("a 'tool' message needs 'tool_call_id', and only a 'tool' message takes it")
+        return v
+
+    @model_validator(mode="after")
+    def _tool_calls_of_assistant(self) -> ChatMessage:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only an 'assistant' message has 'tool_calls'")
+        return self
+
+    @field_validator("refusal", "function_call", "audio")
     @classmethod
     def _unsupported(cls, v: Any, info: Any) -> Any:
         return _not_supported(f"message {info.field_name}", v)
@@ -162,13 +187,68 @@ def _logit_bias(v: dict[str, float] | None) -> dict[str, float] | None:
     return v
 
 
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # the parameters are enforced with tool_choice required or named
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JSONSchemaFormat(_Strict):
+    name: str = Field(max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None  # the schema is always enforced
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("'json_schema' is required with type 'json_schema', and only allowed with it")
+        return self
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's `structured_outputs`: exactly one of these."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+def _schema_text(schema: dict[str, Any] | str) -> str:
+    return schema if isinstance(schema, str) else json.dumps(schema)
+
+
 class _SamplingRequest(_Strict):
-    """What chat and completion requests share: the sampling fields and their validation."""
+    """What chat and completion requests share: the sampling fields, their validation and the
+    structured-output fields' meaning."""
 
     frequency_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
     n: int | None = Field(default=1, ge=1)  # at most --max-n
     presence_penalty: float | None = Field(default=0.0, ge=-2.0, le=2.0)
+    response_format: ResponseFormat | None = None  # of chat; an extension of completions, as in vLLM
     seed: int | None = None
     stop: str | list[str] | None = None
     stream: bool | None = False
@@ -183,16 +263,54 @@ class _SamplingRequest(_Strict):
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
     min_tokens: int | None = Field(default=None, ge=0)
     ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     # ---- end of extensions --------------------------------------------------------------------
 
     _stop = field_validator("stop")(_stop_list)
     _bias = field_validator("logit_bias")(_logit_bias)
+
+    def structured(self) -> tuple[StructuredSpec | None, str | None]:
+        """-> (the output's constraint, the parameter that asked for it); ParamError for several."""
+        given: list[tuple[StructuredSpec, str]] = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            given.append((StructuredSpec("json_object"), "response_format"))
+        elif rf is not None and rf.json_schema is not None:
+            given.append((StructuredSpec("json_schema", _schema_text(rf.json_schema.schema_ or {})), "response_format"))
+        so = self.structured_outputs or StructuredOutputs()
+        for name, value in so.model_dump(by_alias=True, exclude_none=True).items():
+            if value is not False:  # json_object: false asks for nothing
+                given.append((self._spec(name, value), f"structured_outputs.{name}"))
+        for name in ("json", "regex", "choice", "grammar"):
+            if (value := getattr(self, f"guided_{name}")) is not None:
+                given.append((self._spec(name, value), f"guided_{name}"))
+        if len(given) > 1:
+            names = ", ".join(f"'{p}'" for _, p in given)
+            raise ParamError(given[1][1], f"Only one output constraint per request, not {names}")
+        return given[0] if given else (None, None)
+
+    @staticmethod
+    def _spec(name: str, value: Any) -> StructuredSpec:
+        if name == "json":
+            return StructuredSpec("json_schema", _schema_text(value))
+        if name == "choice":
+            return StructuredSpec("choice", tuple(value))
+        if name == "json_object":
+            return StructuredSpec("json_object")
+        return StructuredSpec(name, value)
 
     def stops(self) -> tuple[str, ...]:
         stop = self.stop
         return () if stop is None else (stop,) if isinstance(stop, str) else tuple(stop)
 
     def _check_common(self) -> None:
+        self.structured()
         if self.stream_options is not None and not self.stream:
             raise ParamError("stream_options", "'stream_options' is only allowed when 'stream' is true")
 
@@ -211,18 +329,17 @@ class ChatCompletionRequest(_SamplingRequest):
     metadata: Any = None
     modalities: Any = None
     moderation: Any = None
-    parallel_tool_calls: Any = None
+    parallel_tool_calls: bool | None = None
     prediction: Any = None
     prompt_cache_key: Any = None
     prompt_cache_options: Any = None
     prompt_cache_retention: Any = None
     reasoning_effort: Any = None
-    response_format: Any = None
     safety_identifier: str | None = Field(default=None, max_length=64)
     service_tier: Any = None
     store: Any = None
-    tool_choice: Any = None
-    tools: Any = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tools: list[Tool] | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     verbosity: Any = None
     web_search_options: Any = None
@@ -235,9 +352,24 @@ class ChatCompletionRequest(_SamplingRequest):
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
+    def tool_mode(self) -> str:
+        """none | auto | required | named: what the request asks of the tools it lists."""
+        choice = self.tool_choice
+        if not self.tools or choice == "none":
+            return "none"
+        return "named" if isinstance(choice, NamedToolChoice) else choice or "auto"
+
     def check(self) -> None:
         if self.top_logprobs is not None and not self.logprobs:
             raise ParamError("top_logprobs", "'top_logprobs' needs 'logprobs' set to true")
+        if self.tool_choice not in (None, "none") and not self.tools:
+            raise ParamError("tool_choice", "'tool_choice' needs 'tools'")
+        if isinstance(self.tool_choice, NamedToolChoice):
+            name = self.tool_choice.function.name
+            if name not in [t.function.name for t in self.tools or ()]:
+                raise ParamError("tool_choice", f"'tool_choice' names function '{name}', which is not in 'tools'")
+        if self.tool_mode() != "none" and self.structured()[0] is not None:
+            raise ParamError("tools", "'tools' and an output constraint (response_format, ...) exclude each other")
         self._check_common()
 
 
@@ -246,7 +378,7 @@ class CompletionRequest(_SamplingRequest):
 
     model: str
     prompt: str | list[str] | list[int] | list[list[int]]
-    best_of: int | None = None
+    best_of: int | None = Field(default=None, ge=1)  # only equal to n: every sampled choice is returned
     echo: bool | None = False
     logprobs: int | None = Field(default=None, ge=0, le=COMPLETION_MAX_LOGPROBS)
     max_tokens: int | None = Field(default=16, ge=0)
@@ -279,12 +411,50 @@ class CompletionRequest(_SamplingRequest):
         return list(p)
 
     def check(self) -> None:
+        if self.best_of is not None and self.best_of != (self.n or 1):
+            raise ParamError("best_of", f"'best_of' must equal 'n' ({self.n or 1}): this server returns every choice")
         if self.max_tokens == 0 and not self.echo:
             raise ParamError("max_tokens", "'max_tokens' may be 0 only with 'echo' set to true")
         self._check_common()
 
 
+class TokenizeRequest(_Strict):
+    """POST /tokenize (vLLM's shape): a prompt, or messages as the chat template renders them."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = None  # default: true for a prompt; messages get the template's only
+    add_generation_prompt: bool | None = True
+    return_token_strs: bool | None = False
+
+    def check(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise ParamError("prompt", "Give either 'prompt' or 'messages'")
+
+
+class DetokenizeRequest(_Strict):
+    """POST /detokenize (vLLM's shape)."""
+
+    model: str | None = None
+    tokens: list[int]
+
+    def check(self) -> None:
+        pass
+
+
 # ---- responses ---------------------------------------------------------------------------------
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 def now() -> int:
@@ -321,6 +491,21 @@ class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: str | None = None
+    tool_calls: list[ToolCall] | None = None  # left out when there are none (the reference has no null)
+
+    @model_serializer(mode="wrap")
+    def _calls_if_any(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("tool_calls") is None:
+            data.pop("tool_calls", None)
+        return data
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class ChatChoice(BaseModel):
@@ -345,10 +530,14 @@ class DeltaMessage(BaseModel):
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer
     def _present(self) -> dict[str, Any]:
-        return {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
+        calls = [c.model_dump() for c in self.tool_calls] if self.tool_calls is not None else None
+        return {
+            k: v for k, v in (("role", self.role), ("content", self.content), ("tool_calls", calls)) if v is not None
+        }
 
 
 class ChatChunkChoice(BaseModel):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from serving.config import ServerConfig
@@ -27,9 +28,11 @@ class ServerState:
     model_name: str = ""
     token_texts: TokenTexts | None = None
     metrics: Metrics = dataclasses.field(init=False)
+    chat_template: str | None = dataclasses.field(init=False)  # --chat-template's text
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(self.engine_stats)
+        self.chat_template = Path(self.config.chat_template).read_text() if self.config.chat_template else None
 
     def set_engine(self, engine: Engine) -> None:
         self.model_name = self.config.served_model_name or engine.model_name

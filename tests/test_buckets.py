@@ -177,7 +177,7 @@ def test_a_three_token_prompt_runs_in_a_compiled_prefill_bucket():
     config = CONFIGS["prefill-min-above-context-min"]
     b = Buckets.from_config(config)
     seq = Sequence("r", [5, 6, 7], SamplingParams(), seed=0, pages=[1])
-    key, (inputs,) = build_step(Prefill((Chunk(seq, 0, 3),)), b, config.max_seq_len, lambda s: ())
+    key, (inputs,) = build_step(Prefill((Chunk(seq, 0, 3),)), b, config.max_seq_len, lambda s: (), _all_allowed)
     assert key == ("prefill", 1, 8, 1)
     assert inputs.tokens.shape == (1, 8) and inputs.page_table.shape == (1, 1)
     assert key in b.all_keys()
@@ -192,10 +192,18 @@ def test_packed_prompts_sit_one_after_another_in_one_row_each_from_a_page_bounda
     b = Buckets.from_config(config)
     a = Sequence("a", [10, 11, 12, 13, 14], SamplingParams(), seed=0, pages=[7, 3])
     c = Sequence("c", [20, 21, 22, 23, 24, 25, 26], SamplingParams(), seed=0, pages=[5, 9], computed=4)
-    key, (inputs,) = build_step(Prefill((Chunk(a, 0, 5), Chunk(c, 4, 3))), b, config.max_seq_len, lambda s: ())
+    key, (inputs,) = build_step(
+        Prefill((Chunk(a, 0, 5), Chunk(c, 4, 3))), b, config.max_seq_len, lambda s: (), _all_allowed
+    )
     assert key == ("prefill", 1, 16, 4) and key in b.all_keys()  # 8 tokens (the smallest bucket: 16), 4 pages
     assert inputs.tokens[0, :8].tolist() == [10, 11, 12, 13, 14, 24, 25, 26]
     assert inputs.positions[0].tolist() == [0, 1, 2, 3, 4, 4, 5, 6] + [-1] * 8
     assert inputs.base[0, :8].tolist() == [0] * 5 + [8] * 3  # c's pages start at the row's third page
     assert inputs.page_table[0].tolist() == [7, 3, 5, 9]
     assert inputs.last_index.tolist()[:2] == [4, 7]
+
+
+def _all_allowed(rows):
+    import numpy as np
+
+    return np.full((len(rows), 1), 0xFFFFFFFF, np.uint32)

@@ -25,7 +25,7 @@ BAD_REQUESTS = [
     ("chat", {**CHAT, "messages": [{"role": "user"}]}, 400, "messages[0].content", "content"),
     ("chat", {**CHAT, "messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content", "expected a string"),
     ("chat", {**CHAT, "messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role", "unknown role"),
-    ("chat", {**CHAT, "messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].role", "not supported"),
+    ("chat", {**CHAT, "messages": [{"role": "tool", "content": "x"}]}, 400, "messages[0].tool_call_id", "tool_call_id"),
     (
         "chat",
         {**CHAT, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
@@ -56,13 +56,17 @@ BAD_REQUESTS = [
     ("chat", {**CHAT, "stream": "yes"}, 400, "stream", "valid boolean"),
     ("chat", {**CHAT, "stream_options": {"include_usage": True}}, 400, "stream_options", "only allowed"),
     ("chat", {**CHAT, "frobnicate": 1}, 400, "frobnicate", "Unrecognized request argument"),
-    ("chat", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools", "not supported"),
-    ("chat", {**CHAT, "tool_choice": "auto"}, 400, "tool_choice", "not supported"),
-    ("chat", {**CHAT, "response_format": {"type": "json_object"}}, 400, "response_format", "not supported"),
+    ("chat", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools", "--tool-call-parser"),
+    ("chat", {**CHAT, "tool_choice": "auto"}, 400, "tool_choice", "needs 'tools'"),
+    ("chat", {**CHAT, "response_format": {"type": "json_schema"}}, 400, "response_format", "is required"),
     ("chat", {**CHAT, "audio": {"voice": "alloy", "format": "wav"}}, 400, "audio", "not supported"),
     ("chat", {**CHAT, "max_tokens": MAX_SEQ_LEN}, 400, "messages", f"maximum context length is {MAX_SEQ_LEN}"),
     ("chat", {**CHAT, "extra_body": 1}, 400, "extra_body", "Unrecognized"),
     ("chat", {**CHAT, "model": "gpt-4o"}, 404, "model", "does not exist"),
+    ("completion", {**COMPLETION, "best_of": 3}, 400, "best_of", "must equal 'n'"),
+    ("completion", {**COMPLETION, "stop_token_ids": [10**7]}, 400, "stop_token_ids", "outside the vocabulary"),
+    ("completion", {**COMPLETION, "stop_token_ids": list(range(40))}, 400, "stop_token_ids", "too many"),
+    ("chat", {**CHAT, "include_stop_str_in_output": True}, 400, "include_stop_str_in_output", "Unrecognized"),
     ("completion", {**COMPLETION, "prompt": []}, 400, "prompt", "empty"),
     ("completion", {**COMPLETION, "prompt": [[]]}, 400, "prompt", "empty"),
     ("completion", {**COMPLETION, "prompt": [1.5]}, 400, "prompt", "expected a string"),
@@ -75,7 +79,6 @@ BAD_REQUESTS = [
     ("completion", {**COMPLETION, "max_tokens": 0}, 400, "max_tokens", "echo"),
     ("completion", {**COMPLETION, "logprobs": 21}, 400, "logprobs", "less than or equal to 20"),
     ("completion", {**COMPLETION, "suffix": "end"}, 400, "suffix", "not supported"),
-    ("completion", {**COMPLETION, "best_of": 2}, 400, "best_of", "not supported"),
     ("completion", {**COMPLETION, "messages": HI}, 400, "messages", "Unrecognized"),
     (
         "completion",
@@ -147,7 +150,7 @@ def test_the_official_client_raises_the_matching_exceptions(openai_client):
         openai_client.chat.completions.create(model=MODEL, messages=HI, temperature=9)
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         openai_client.chat.completions.create(model="gpt-4o", messages=HI)
-    with pytest.raises(openai.BadRequestError, match="not supported"):
+    with pytest.raises(openai.BadRequestError, match="tool-call-parser"):
         openai_client.chat.completions.create(
             model=MODEL, messages=HI, tools=[{"type": "function", "function": {"name": "f"}}]
         )
