@@ -13,7 +13,10 @@ import pytest
 
 from graph import compile_cache
 from models.loader import LoadedModel, load_model
-from tests.server_fixtures import SMALL, compile_small_artifact
+
+pytest.register_assert_rewrite("tests.server_fixtures")  # before its import below: its asserts explain failures
+
+from tests.server_fixtures import SMALL, compile_small_artifact  # noqa: E402
 
 # The slow tier (`pytest -m "not slow"` leaves it out; `make test` runs it): every test that
 # compiles the real SmolLM2 or starts a server (through these fixtures, or as its module says with

@@ -9,11 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
-pytest.register_assert_rewrite("tests.server_fixtures")
-
-from tests.server_fixtures import MAX_SEQ_LEN  # noqa: E402
+from tests.server_fixtures import MAX_SEQ_LEN
 
 pytest_plugins = ("tests.server_fixtures",)
 

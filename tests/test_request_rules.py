@@ -16,10 +16,8 @@ import sys
 
 import pytest
 
-pytest.register_assert_rewrite("tests.server_fixtures")
-
-from graph.api import MAX_SEED, ArtifactMismatchError, InvalidRequestError, RequestTooLargeError, SamplingParams  # noqa: E402
-from tests.server_fixtures import MODEL, REPO, SMALL_ENGINE, cache_args, serve  # noqa: E402
+from graph.api import MAX_SEED, ArtifactMismatchError, InvalidRequestError, RequestTooLargeError, SamplingParams
+from tests.server_fixtures import MODEL, REPO, SMALL_ENGINE, cache_args, serve
 
 pytest_plugins = ("tests.server_fixtures",)
 

@@ -13,9 +13,7 @@ import signal
 import httpx
 import pytest
 
-pytest.register_assert_rewrite("tests.server_fixtures")
-
-from tests.server_fixtures import REPO, start_make_serve  # noqa: E402
+from tests.server_fixtures import REPO, start_make_serve
 
 pytestmark = pytest.mark.slow  # the default bucket set of each bundled model, compiled at start
 

@@ -8,9 +8,7 @@ import concurrent.futures
 import httpx
 import pytest
 
-pytest.register_assert_rewrite("tests.server_fixtures")
-
-from tests.server_fixtures import MODEL, engine_metrics, wait_idle  # noqa: E402
+from tests.server_fixtures import MODEL, engine_metrics, wait_idle
 
 # server
 pytest_plugins = ("tests.server_fixtures",)

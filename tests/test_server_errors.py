@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-pytest.register_assert_rewrite("tests.server_fixtures")
-
-from tests.server_fixtures import MAX_SEQ_LEN, MODEL, assert_matches_schema  # noqa: E402
+from tests.server_fixtures import MAX_SEQ_LEN, MODEL, assert_matches_schema
 
 # server, openai_client (the official client), http (httpx)
 pytest_plugins = ("tests.server_fixtures",)

@@ -11,9 +11,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-pytest.register_assert_rewrite("tests.server_fixtures")
-
-from tests.server_fixtures import MODEL, ServerProcess, start_server, wait_idle  # noqa: E402
+from tests.server_fixtures import MODEL, ServerProcess, start_server, wait_idle
 
 # aot_dir (the session's compiled bucket set)
 pytest_plugins = ("tests.server_fixtures",)

@@ -18,9 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-pytest.register_assert_rewrite("tests.server_fixtures")
-
-from tests.server_fixtures import (  # noqa: E402
+from tests.server_fixtures import (
     LISTENING,
     MODEL,
     REPO,

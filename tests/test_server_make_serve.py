@@ -7,11 +7,8 @@ import re
 import signal
 
 import httpx
-import pytest
 
-pytest.register_assert_rewrite("tests.server_fixtures")
-
-from tests.server_fixtures import MODEL, REPO, SMALL_ENGINE, start_make_serve  # noqa: E402
+from tests.server_fixtures import MODEL, REPO, SMALL_ENGINE, start_make_serve
 
 # aot_dir (the session's compiled bucket set)
 pytest_plugins = ("tests.server_fixtures",)

@@ -7,11 +7,8 @@ import concurrent.futures
 import json
 
 import httpx
-import pytest
 
-pytest.register_assert_rewrite("tests.server_fixtures")
-
-from tests.server_fixtures import MODEL, assert_matches_schema, sse_events  # noqa: E402
+from tests.server_fixtures import MODEL, assert_matches_schema, sse_events
 
 # server, openai_client (the official client), http (httpx)
 pytest_plugins = ("tests.server_fixtures",)
