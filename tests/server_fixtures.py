@@ -201,15 +201,22 @@ def start_server(aot: Path, log_path: Path, *extra: str) -> ServerProcess:
     return ServerProcess([*SMALL_ENGINE, "--aot-dir", str(aot), *extra], log_path).start()
 
 
-@pytest.fixture(scope="session")
-def server(aot_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """The session's shared server."""
-    proc = start_server(aot_dir, tmp_path_factory.mktemp("logs") / "server.log")
+@contextlib.contextmanager
+def ready_server(aot: Path, log_path: Path, *extra: str) -> Iterator[ServerProcess]:
+    """A server over the session's AOT artifact, ready to answer; stopped on exit."""
+    proc = start_server(aot, log_path, *extra)
     try:
         proc.wait_ready()
         yield proc
     finally:
         proc.stop()
+
+
+@pytest.fixture(scope="session")
+def server(aot_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The session's shared server."""
+    with ready_server(aot_dir, tmp_path_factory.mktemp("logs") / "server.log") as proc:
+        yield proc
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.server_fixtures import MODEL, ServerProcess, start_server, wait_idle
+from tests.server_fixtures import MODEL, ServerProcess, ready_server, wait_idle
 
 # aot_dir (the session's compiled bucket set)
 pytest_plugins = ("tests.server_fixtures",)
@@ -25,12 +25,8 @@ BODY = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 16, 
 def faulty(aot_dir, tmp_path_factory) -> Iterator[ServerProcess]:
     log = tmp_path_factory.mktemp("logs") / "faulty.log"
     extra = ("--debug-fail-step", str(FAIL_STEP), "--debug-step-delay", "0.05", "--max-queue-wait", str(MAX_QUEUE_WAIT))
-    proc = start_server(aot_dir, log, *extra)
-    try:
-        proc.wait_ready()
+    with ready_server(aot_dir, log, *extra) as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 def test_a_stream_in_a_failed_step_gets_an_error_frame_and_the_next_request_succeeds(faulty):

@@ -13,7 +13,7 @@ import httpx
 import jsonschema
 import pytest
 
-from tests.server_fixtures import MODEL, REPO, ServerProcess, start_server
+from tests.server_fixtures import MODEL, REPO, ServerProcess, ready_server
 from tests.test_server_errors import assert_error
 
 pytest_plugins = ("tests.server_fixtures",)
@@ -45,12 +45,8 @@ ASK = [{"role": "user", "content": "What is the weather like in Paris?"}]
 def tool_server(aot_dir, tmp_path_factory) -> Iterator[ServerProcess]:
     template = str(REPO / "serving" / "templates" / "hermes_tools.jinja")
     log = tmp_path_factory.mktemp("logs") / "tools.log"
-    proc = start_server(aot_dir, log, "--chat-template", template, "--tool-call-parser", "hermes")
-    try:
-        proc.wait_ready()
+    with ready_server(aot_dir, log, "--chat-template", template, "--tool-call-parser", "hermes") as proc:
         yield proc
-    finally:
-        proc.stop()
 
 
 @pytest.fixture(scope="module")
