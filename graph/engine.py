@@ -291,8 +291,10 @@ class Engine:
             self._aborts.append(request_id)
             self._lock.notify()
 
-    def stats(self) -> dict[str, int]:
+    def stats(self) -> dict[str, float]:
         return {
+            "steps": self.steps,
+            "grammar_mask_seconds": self.mask_seconds,
             "waiting": len(self.scheduler.waiting) + len(self._inbox),
             "running": len(self.scheduler.running),
             "pages_used": self.allocator.num_used,

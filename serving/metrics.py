@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -27,10 +27,14 @@ _ENGINE_GAUGES = {
     "prompt_tokens": ("xlaserve_prefix_cache_queried_tokens", "Prompt tokens of admitted requests"),
     "prefix_cached_tokens": ("xlaserve_prefix_cache_hit_tokens", "Prompt tokens taken from the prefix cache"),
 }
+_ENGINE_COUNTERS = {
+    "steps": ("xlaserve_engine_steps", "Engine steps run"),
+    "grammar_mask_seconds": ("xlaserve_grammar_mask_seconds", "Host time spent on structured-output token masks"),
+}
 
 
 class _EngineCollector(Collector):
-    def __init__(self, stats: Callable[[], dict[str, int] | None]) -> None:
+    def __init__(self, stats: Callable[[], dict[str, float] | None]) -> None:
         self._stats = stats
 
     def collect(self) -> Iterator[Metric]:
@@ -39,6 +43,8 @@ class _EngineCollector(Collector):
             return
         for key, (name, doc) in _ENGINE_GAUGES.items():
             yield GaugeMetricFamily(name, doc, value=stats[key])
+        for key, (name, doc) in _ENGINE_COUNTERS.items():
+            yield CounterMetricFamily(name, doc, value=stats[key])
         rate = stats["prefix_cached_tokens"] / stats["prompt_tokens"] if stats["prompt_tokens"] else 0.0
         yield GaugeMetricFamily(
             "xlaserve_prefix_cache_hit_rate", "Prompt tokens taken from the prefix cache / prompt tokens", value=rate
@@ -48,7 +54,7 @@ class _EngineCollector(Collector):
 class Metrics:
     """The metrics of one server; `stats` returns the engine's figures (None while loading)."""
 
-    def __init__(self, stats: Callable[[], dict[str, int] | None]) -> None:
+    def __init__(self, stats: Callable[[], dict[str, float] | None]) -> None:
         self.registry = CollectorRegistry()
         reg = self.registry
         self.requests = Counter(
