@@ -123,6 +123,7 @@ class Engine:
             salt=f"{model.fingerprint}/{model.dtype}/{config.quantize}".encode(),
             packed_rows=PACKED_ROWS,
             max_pages=self.buckets.max_pages,
+            chunk_sizes=self.buckets.prefill_tokens,
         )
         self.outputs = OutputProcessor(model.tokenizer, model.cfg, config.max_seq_len)
         self.grammars = Grammars(model.tokenizer, model.cfg.vocab_size, self.outputs.eos_ids)

@@ -42,6 +42,11 @@ from graph.kv_cache import PageAllocator, extend_hashes
 _arrivals = itertools.count()
 
 
+# A step's fixed cost, in prompt tokens: dispatching the executables, sampling, reading back. A
+# step's prefill cost grows with its padded chunk length; this is what a second step adds on top.
+STEP_COST = 32
+
+
 @dataclasses.dataclass(eq=False)
 class Sequence:
     request_id: str
@@ -126,6 +131,7 @@ class Scheduler:
         salt: bytes = b"",
         packed_rows: int = 1,
         max_pages: int | None = None,
+        chunk_sizes: tuple[int, ...] = (),
     ):
         self.allocator = allocator
         self.page_size = page_size
@@ -135,6 +141,7 @@ class Scheduler:
         self.salt = salt  # what else the K/V depend on (model, dtype, quantization): roots the hash chain
         self.packed_rows = packed_rows  # prompts one chunk may carry
         self.max_pages = max_pages  # of a chunk's row (the largest context bucket); None: unbounded
+        self.chunk_sizes = chunk_sizes  # compiled lengths of a chunk without decode rows, ascending
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         self._last_was_prefill = False
@@ -230,7 +237,7 @@ class Scheduler:
         if not self.mixed_tokens:
             if prefilling and not (decoding and self._last_was_prefill):
                 self._last_was_prefill = True
-                return self._chunk(prefilling, self.max_prefill_tokens)
+                return self._fit(self._chunk(prefilling, self.max_prefill_tokens))
             self._last_was_prefill = False
             ready = self._grow(decoding)
             return Decode(ready) if ready else None
@@ -239,7 +246,7 @@ class Scheduler:
         if not prefilling:
             return Decode(ready) if ready else None
         if not ready:
-            return self._chunk(prefilling, self.max_prefill_tokens)
+            return self._fit(self._chunk(prefilling, self.max_prefill_tokens))
         return Mixed(Decode(ready), self._chunk(prefilling, self.mixed_tokens))
 
     def _chunk(self, prefilling: list[Sequence], limit: int) -> Prefill:
@@ -258,6 +265,25 @@ class Scheduler:
                 chunks.append(Chunk(seq, seq.computed, n))
                 budget -= n
                 pages += more
+        return Prefill(tuple(chunks))
+
+    def _fit(self, step: Prefill) -> Prefill:
+        """Cut a chunk at the compiled length below it when padding it up to the one above costs
+        more than a second, short step for the rest (a step's cost taken as its padded length plus
+        STEP_COST tokens): 134 tokens go as 128 + 6, not padded to 256; 200 go whole."""
+        n, sizes = step.tokens, self.chunk_sizes
+        below = [s for s in sizes if s < n]
+        if not below or n > sizes[-1]:
+            return step
+        up, cut = min(s for s in sizes if s >= n), below[-1]
+        if cut + min(s for s in sizes if s >= n - cut) + STEP_COST >= up:
+            return step
+        chunks, left = [], cut
+        for c in step.chunks:
+            if left == 0:
+                break
+            chunks.append(dataclasses.replace(c, length=min(c.length, left)))
+            left -= chunks[-1].length
         return Prefill(tuple(chunks))
 
     def packed_pages(self, limit: int) -> int:

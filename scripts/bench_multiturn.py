@@ -27,21 +27,28 @@ from scripts.bench_vs_llamacpp import xlaserve  # noqa: E402
 WORDS = "the sea ship wind sail north river harbour light storm calm crew deck map star night morning".split()
 
 
-def turn(client: httpx.Client, model: str, messages: list[dict], max_tokens: int) -> tuple[float, str]:
-    """-> (seconds to the first content chunk, the whole reply)."""
-    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
-    started, first, text = time.perf_counter(), None, ""
+def turn(client: httpx.Client, model: str, messages: list[dict], max_tokens: int) -> tuple[float, str, str]:
+    """-> (seconds to the first content chunk, the whole reply, "prompt tokens/cached tokens")."""
+    body = {
+        "model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+        "stream_options": {"include_usage": True},
+    }  # fmt: skip
+    started, first, text, tokens = time.perf_counter(), None, "", "?"
     with client.stream("POST", "/v1/chat/completions", json=body) as response:
         response.raise_for_status()
         for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
-            delta = json.loads(line[6:])["choices"]
+            chunk = json.loads(line[6:])
+            if usage := chunk.get("usage"):
+                cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+                tokens = f"{usage['prompt_tokens']}/{cached}"
+            delta = chunk["choices"]
             content = delta[0]["delta"].get("content") if delta else None
             if content:
                 first = first or time.perf_counter() - started
                 text += content
-    return first or float("nan"), text
+    return first or float("nan"), text, tokens
 
 
 def replay(url: str, turns: int, words: int, max_tokens: int, seed: int) -> list[float]:
@@ -53,9 +60,10 @@ def replay(url: str, turns: int, words: int, max_tokens: int, seed: int) -> list
         for _ in range(turns):
             question = " ".join(rng.choice(WORDS) for _ in range(words))
             messages.append({"role": "user", "content": f"Tell me about {question}."})
-            ttft, reply = turn(client, model, messages, max_tokens)
+            ttft, reply, tokens = turn(client, model, messages, max_tokens)
             messages.append({"role": "assistant", "content": reply})
             ttfts.append(ttft)
+            print(f"  turn {len(ttfts)}: TTFT {ttft * 1000:.0f} ms, prompt/cached tokens {tokens}", flush=True)
     return ttfts
 
 

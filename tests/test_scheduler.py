@@ -14,6 +14,7 @@ import random
 
 import pytest
 
+from graph import scheduler
 from graph.api import SamplingParams
 from graph.kv_cache import PageAllocator
 from graph.scheduler import Decode, Mixed, Prefill, Scheduler, Sequence
@@ -59,6 +60,7 @@ class Driver:
         mixed_tokens: int = 0,
         caching: bool = False,
         packed_rows: int = 1,
+        chunk_sizes: tuple[int, ...] = (),
     ):
         self.allocator = PageAllocator(usable_pages + 1, caching=caching)
         self.scheduler = Scheduler(
@@ -69,6 +71,7 @@ class Driver:
             mixed_tokens=mixed_tokens,
             packed_rows=packed_rows,
             max_pages=usable_pages,
+            chunk_sizes=chunk_sizes,
         )
         self.model = FakeModel(self.allocator, page_size)
         self.trace: list[tuple] = []
@@ -354,11 +357,12 @@ def test_removing_a_waiting_sequence_takes_it_off_the_queue():
 # ---- a random workload ----
 
 
-@pytest.mark.parametrize("packed_rows", [1, 3])
-def test_random_workload_with_aborts_frees_every_page_and_answers_correctly(packed_rows):
+@pytest.mark.parametrize(("packed_rows", "chunk_sizes"), [(1, ()), (3, ()), (3, (2, 4, 8))])
+def test_random_workload_with_aborts_frees_every_page_and_answers_correctly(packed_rows, chunk_sizes, monkeypatch):
+    monkeypatch.setattr(scheduler, "STEP_COST", 0)  # with chunk sizes: cut chunks wherever padding costs
     rng = random.Random(20240611)
     usable = 24
-    d = Driver(usable, page_size=4, max_batch=6, max_prefill_tokens=8, packed_rows=packed_rows)
+    d = Driver(usable, page_size=4, max_batch=6, max_prefill_tokens=8, packed_rows=packed_rows, chunk_sizes=chunk_sizes)
     seqs: dict[str, Sequence] = {}
     aborted: set[str] = set()
     preempted = 0
@@ -442,6 +446,27 @@ def test_the_budget_left_by_the_oldest_prompt_goes_to_the_next_one_cut_to_fit():
     d.run()
     assert d.trace[:2] == [("P", "a", 0, 10, "b", 0, 6), ("P", "b", 6, 14)]
     assert d.finished == {"a": [10], "b": [20]}
+
+
+@pytest.mark.parametrize(
+    ("lengths", "first_chunks"),
+    [
+        ([134], [("a", 0, 128)]),  # 128 + 6 costs less than padding 134 up to 256
+        ([200], [("a", 0, 200)]),  # 128 + 72 would cost as much as 256, and one step more
+        ([100, 34], [("a", 0, 100), ("b", 0, 28)]),  # the cut falls in the last prompt packed
+        ([120], [("a", 0, 120)]),  # within a compiled length: nothing to cut
+    ],
+)
+def test_a_chunk_just_past_a_compiled_length_is_cut_there_instead_of_padded(lengths, first_chunks):
+    d = Driver(
+        64, page_size=16, max_batch=4, max_prefill_tokens=512, packed_rows=4, chunk_sizes=(16, 64, 128, 256, 512)
+    )
+    for name, n in zip("ab", lengths, strict=False):
+        d.add(name, list(range(n)), max_tokens=2)
+    d.step()
+    assert d.trace[0] == ("P", *(x for chunk in first_chunks for x in chunk))
+    d.run()
+    assert d.finished == {x: expected(list(range(n)), 2) for x, n in zip("ab", lengths, strict=False)}
 
 
 def test_mixed_steps_pack_prompts_beside_the_decode_rows():
