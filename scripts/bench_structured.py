@@ -1,8 +1,8 @@
 """What the structured-output mask costs: one server, `--concurrency` chat requests in a closed
-loop, first unconstrained (`ignore_eos`, so each runs to `--max-tokens`), then each with a JSON
-schema in `response_format` (an object with twelve short facts: about as many tokens, ended by the
-grammar). Both runs are measured in output tokens/s over the tokens they produced
-(usage.completion_tokens), so a shorter constrained answer does not count as a slowdown.
+loop, first unconstrained, then each with a JSON schema in `response_format` (an object with at
+least forty facts: longer than `--max-tokens`). Both runs produce exactly `--max-tokens` tokens per
+request (`ignore_eos` for the first, the length cut for the second), so they schedule the same
+steps and the difference is what the mask costs: computing it on the host, sending it, applying it.
 
     .venv/bin/python scripts/bench_structured.py --concurrency 16 --requests 48
 """
@@ -28,13 +28,13 @@ SCHEMA = {
     "type": "object",
     "properties": {
         "city": {"type": "string", "maxLength": 24},
-        "facts": {"type": "array", "items": {"type": "string", "maxLength": 40}, "minItems": 12, "maxItems": 12},
+        "facts": {"type": "array", "items": {"type": "string", "maxLength": 40}, "minItems": 40},
     },
     "required": ["city", "facts"],
 }
 
 
-async def run(url: str, concurrency: int, requests: int, max_tokens: int, constrained: bool) -> dict:
+async def run(url: str, model: str, concurrency: int, requests: int, max_tokens: int, constrained: bool) -> dict:
     cities = ["Paris", "Lima", "Oslo", "Cairo", "Kyoto", "Quito", "Perth", "Accra"]
     todo = list(range(requests))
     tokens, latencies = 0, []
@@ -44,8 +44,8 @@ async def run(url: str, concurrency: int, requests: int, max_tokens: int, constr
         while todo:
             i = todo.pop()
             body = {
-                "model": "m",
-                "messages": [{"role": "user", "content": f"Give twelve facts about {cities[i % len(cities)]}."}],
+                "model": model,
+                "messages": [{"role": "user", "content": f"Give forty facts about {cities[i % len(cities)]}."}],
                 "max_tokens": max_tokens,
                 "temperature": 0.7,
                 "seed": i,
@@ -76,9 +76,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     args = parser.parse_args()
     with xlaserve(args.model, args.ours.split()) as url:
-        asyncio.run(run(url, args.concurrency, args.concurrency, 8, False))  # warm up
-        plain = asyncio.run(run(url, args.concurrency, args.requests, args.max_tokens, False))
-        constrained = asyncio.run(run(url, args.concurrency, args.requests, args.max_tokens, True))
+        asyncio.run(run(url, args.model, args.concurrency, args.concurrency, 8, False))  # warm up
+        plain = asyncio.run(run(url, args.model, args.concurrency, args.requests, args.max_tokens, False))
+        constrained = asyncio.run(run(url, args.model, args.concurrency, args.requests, args.max_tokens, True))
         metrics = httpx.get(url + "/metrics").text
     print(json.dumps({"unconstrained": plain, "json_schema": constrained}))
     print(f"output tok/s: unconstrained {plain['tok_s']:.1f}, JSON schema {constrained['tok_s']:.1f} "
