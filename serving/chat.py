@@ -1,8 +1,9 @@
 """POST /v1/chat/completions: messages -> chat template -> engine -> `chat.completion`(`.chunk`s).
 
 With `tools` (and `--tool-call-parser`), the tools are rendered by the chat template, and the
-parser reads the calls from each choice's text (serving/tools.py): content streams until tool-call
-markup may begin, and the calls come in the choice's last chunk. `tool_choice: "required"` or a
+parser reads the calls from each choice's text (serving/tools.py): a whole choice is parsed at its
+end; a stream sends content until tool-call markup may begin, then each call as OpenAI does (its id
+and name once read, then fragments of its arguments as they come). `tool_choice: "required"` or a
 named function constrains the output to calls (the parameters' JSON schema included) with the
 engine's grammar mask."""
 
@@ -28,6 +29,7 @@ from serving.protocol import (
     ChatCompletionResponse,
     ChatMessage,
     ChatResponseMessage,
+    DeltaFunction,
     DeltaMessage,
     DeltaToolCall,
     FunctionCall,
@@ -35,7 +37,7 @@ from serving.protocol import (
     ToolCall,
     UsageInfo,
 )
-from serving.tools import ParsedCall, StreamSplitter, ToolParser, call_schema, parser
+from serving.tools import CallDelta, ToolParser, ToolStream, call_schema, parser
 
 _NO_TEMPLATE = (
     "This model has no chat template, so it cannot serve /v1/chat/completions. "
@@ -101,7 +103,7 @@ class ChatReply(Reply):
             if state.config.tool_call_parser is None:
                 raise bad_request("This server takes no 'tools': it was started without --tool-call-parser", "tools")
             self.parser = parser(state.config.tool_call_parser)
-        self._splitters: dict[int, StreamSplitter] = {}
+        self._streams: dict[int, ToolStream] = {}
 
     @property
     def user(self) -> str | None:
@@ -134,24 +136,24 @@ class ChatReply(Reply):
 
     def part(self, index: int, out: RequestOutput) -> Part:
         logprobs = chat_logprobs(self.token_texts, out.logprobs or ()) if self.req.logprobs else None
-        if self.parser is None:
+        if self.parser is None or not self.req.stream:  # a whole choice is parsed in `choice`
             return Part(out.text, logprobs, out.finish_reason)
-        splitter = self._splitters.setdefault(index, StreamSplitter(self.parser))
-        text, calls, finish = splitter.feed(out.text), None, out.finish_reason
+        stream = self._streams.setdefault(index, ToolStream(self.parser))
+        (text, calls), finish = stream.feed(out.text), out.finish_reason
         if finish is not None:
-            rest, calls = splitter.finish()
-            text += rest
-            finish = "tool_calls" if calls else finish
+            rest, last, are_calls = stream.finish()
+            text, calls = text + rest, calls + last
+            finish = "tool_calls" if are_calls else finish
         return Part(text, logprobs, finish, calls or None)
 
     def frames(self, index: int, part: Part) -> Iterator[bytes]:
-        """A content delta, the tool calls, then (on the last part) a finish chunk with an empty delta."""
+        """A content delta, a chunk per piece of a tool call, then (on the last part) a finish chunk
+        with an empty delta."""
         if part.text or part.logprobs:
             logprobs = ChatChoiceLogprobs(content=part.logprobs) if part.logprobs is not None else None
             yield self.chunk([ChatChunkChoice(index=index, delta=DeltaMessage(content=part.text), logprobs=logprobs)])
-        if part.tool_calls:
-            calls = [DeltaToolCall(index=i, id=c.id, function=_function(c)) for i, c in enumerate(part.tool_calls)]
-            yield self.chunk([ChatChunkChoice(index=index, delta=DeltaMessage(tool_calls=calls))])
+        for call in part.tool_calls or ():
+            yield self.chunk([ChatChunkChoice(index=index, delta=DeltaMessage(tool_calls=[_delta(call)]))])
         if part.finish_reason is not None:
             yield self.chunk([ChatChunkChoice(index=index, delta=DeltaMessage(), finish_reason=part.finish_reason)])
 
@@ -164,10 +166,13 @@ class ChatReply(Reply):
         logprobs = None
         if self.req.logprobs:
             logprobs = ChatChoiceLogprobs(content=[entry for p in parts for entry in p.logprobs])
-        content, calls = "".join(p.text for p in parts), parts[-1].tool_calls
-        tool_calls = [ToolCall(id=c.id, function=_function(c)) for c in calls] if calls else None
-        message = ChatResponseMessage(content=content or (None if tool_calls else ""), tool_calls=tool_calls)
-        return ChatChoice(index=index, message=message, logprobs=logprobs, finish_reason=parts[-1].finish_reason)
+        content, calls, finish = "".join(p.text for p in parts), [], parts[-1].finish_reason
+        if self.parser is not None:
+            text, calls = self.parser.parse(content)
+            content, finish = (text or "", "tool_calls") if calls else (content, finish)
+        tool_calls = [ToolCall(id=c.id, function=FunctionCall(name=c.name, arguments=c.arguments)) for c in calls]
+        message = ChatResponseMessage(content=content or (None if tool_calls else ""), tool_calls=tool_calls or None)
+        return ChatChoice(index=index, message=message, logprobs=logprobs, finish_reason=finish)
 
     def response(self, choices: list[ChatChoice], usage: UsageInfo) -> ChatCompletionResponse:
         return ChatCompletionResponse(**self.envelope(), choices=choices, usage=usage)
@@ -178,5 +183,8 @@ class ChatReply(Reply):
         return sse_frame(chunk, exclude=None if self.include_usage else {"usage"})
 
 
-def _function(call: ParsedCall) -> FunctionCall:
-    return FunctionCall(name=call.name, arguments=call.arguments)
+def _delta(call: CallDelta) -> DeltaToolCall:
+    if call.id is None:
+        return DeltaToolCall(index=call.index, function=DeltaFunction(arguments=call.arguments))
+    name = DeltaFunction(name=call.name, arguments=call.arguments)
+    return DeltaToolCall(index=call.index, id=call.id, type="function", function=name)

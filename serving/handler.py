@@ -29,7 +29,7 @@ from serving.errors import bad_request
 from serving.generation import SSE_HEADERS, ClientDisconnected, Generation, finish_error, sse_stream, until_disconnect
 from serving.protocol import ChatCompletionRequest, CompletionRequest, UsageInfo, now
 from serving.state import ServerState
-from serving.tools import ParsedCall
+from serving.tools import CallDelta
 
 if TYPE_CHECKING:
     from graph.engine import Engine
@@ -45,7 +45,7 @@ class Part:
     text: str
     logprobs: Any = None
     finish_reason: str | None = None
-    tool_calls: list[ParsedCall] | None = None  # chat with tools: the message's calls, in its last part
+    tool_calls: list[CallDelta] | None = None  # a stream with tools: the pieces of calls this delta adds
 
 
 class Reply(abc.ABC):

@@ -501,11 +501,18 @@ class ChatResponseMessage(BaseModel):
         return data
 
 
+class DeltaFunction(BaseModel):
+    name: str | None = None  # in a call's first chunk
+    arguments: str | None = None  # a fragment: the call's fragments add up to its arguments
+
+
 class DeltaToolCall(BaseModel):
+    """One piece of a streamed call: the first has id, type and name, the next ones only arguments."""
+
     index: int
-    id: str
-    type: Literal["function"] = "function"
-    function: FunctionCall
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunction
 
 
 class ChatChoice(BaseModel):
@@ -534,7 +541,7 @@ class DeltaMessage(BaseModel):
 
     @model_serializer
     def _present(self) -> dict[str, Any]:
-        calls = [c.model_dump() for c in self.tool_calls] if self.tool_calls is not None else None
+        calls = [c.model_dump(exclude_none=True) for c in self.tool_calls] if self.tool_calls is not None else None
         return {
             k: v for k, v in (("role", self.role), ("content", self.content), ("tool_calls", calls)) if v is not None
         }

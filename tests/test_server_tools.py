@@ -1,8 +1,9 @@
 """Tools through the official `openai` client, on the bundled SmolLM2 with the shipped Hermes-style
 template (`--chat-template serving/templates/hermes_tools.jinja --tool-call-parser hermes`):
 `required` and a named `tool_choice` give calls whose arguments validate (the grammar mask holds
-even a 135M model to the schema), streamed calls equal the whole response's, a full round trip,
-`none` gives plain content, and bad tool inputs are 400s after which the server serves on."""
+even a 135M model to the schema), streamed calls come name first then argument fragments that add
+up to the whole response's, a full round trip, `none` gives plain content, and bad tool inputs are
+400s after which the server serves on; then the same calls with `--tool-call-parser llama3_json`."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import httpx
 import jsonschema
 import pytest
 
-from tests.server_fixtures import MODEL, REPO, ServerProcess, ready_server
+from tests.server_fixtures import MODEL, REPO, ServerProcess, assert_matches_schema, ready_server
 from tests.test_server_errors import assert_error
 
 pytest_plugins = ("tests.server_fixtures",)
@@ -80,22 +81,36 @@ def test_required_and_named_tool_choice_give_valid_calls(client):
         assert_valid_calls(choice.message, ("get_time",))
 
 
-def test_streamed_tool_calls_reassemble_to_the_whole_response(client):
-    whole = create(client, tool_choice="required", seed=11).choices[0].message
+def streamed_calls(client, **kwargs) -> tuple[str, str | None, list[dict]]:
+    """-> (content, finish reason, calls) of a stream, its calls put together as a client does;
+    each call's `fragments` counts the chunks that carried its arguments."""
     calls: dict[int, dict] = {}
     content, finish = "", None
-    for chunk in create(client, tool_choice="required", seed=11, stream=True):
+    for chunk in create(client, stream=True, **kwargs):
+        assert_matches_schema(chunk.to_dict(), "CreateChatCompletionStreamResponse")
         for c in chunk.choices:
             content += c.delta.content or ""
             finish = c.finish_reason or finish
             for d in c.delta.tool_calls or ():
-                call = calls.setdefault(d.index, {"name": "", "arguments": ""})
-                call["name"] += d.function.name or ""
-                call["arguments"] += d.function.arguments or ""
-    assert finish == "tool_calls" and "<tool_call>" not in content
-    assert [(c["name"], c["arguments"]) for c in calls.values()] == [
+                if d.index not in calls:  # the first chunk of a call: id, type and name, no arguments yet
+                    assert d.id.startswith("call_") and d.type == "function" and d.function.name, d
+                    assert d.function.arguments == "", d
+                    calls[d.index] = {"name": d.function.name, "arguments": "", "fragments": 0}
+                else:
+                    assert d.id is None and d.function.name is None and d.function.arguments, d
+                    calls[d.index]["arguments"] += d.function.arguments
+                    calls[d.index]["fragments"] += 1
+    return content, finish, list(calls.values())
+
+
+def test_streamed_tool_calls_come_name_first_then_argument_fragments(client):
+    whole = create(client, tool_choice="required", seed=11).choices[0].message
+    content, finish, calls = streamed_calls(client, tool_choice="required", seed=11)
+    assert finish == "tool_calls" and "tool_call" not in content
+    assert [(c["name"], c["arguments"]) for c in calls] == [
         (c.function.name, c.function.arguments) for c in whole.tool_calls
     ]
+    assert max(c["fragments"] for c in calls) > 1, calls  # streamed as generated, not whole at the end
 
 
 def test_a_round_trip_and_tool_choice_none(client):
@@ -131,3 +146,26 @@ def test_bad_tool_inputs_are_400(tool_server, extra, param, words):
         assert_error(http.post("/v1/chat/completions", json=body), 400, param, words)
         ok = http.post("/v1/chat/completions", json={"model": MODEL, "messages": ASK, "tools": TOOLS, "max_tokens": 4})
         assert ok.status_code == 200, ok.text
+
+
+@pytest.fixture(scope="module")
+def llama3_client(aot_dir, tmp_path_factory):
+    import openai
+
+    template = str(REPO / "serving" / "templates" / "hermes_tools.jinja")
+    log = tmp_path_factory.mktemp("logs") / "tools-llama3.log"
+    with ready_server(aot_dir, log, "--chat-template", template, "--tool-call-parser", "llama3_json") as proc:
+        yield openai.OpenAI(base_url=proc.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def test_llama3_json_calls_validate_and_stream_as_the_whole_response(llama3_client):
+    kwargs = {"tool_choice": "required", "parallel_tool_calls": False, "seed": 5}
+    choice = create(llama3_client, **kwargs).choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert_valid_calls(choice.message)
+    content, finish, calls = streamed_calls(llama3_client, **kwargs)
+    assert finish == "tool_calls" and content == ""
+    assert [(c["name"], c["arguments"]) for c in calls] == [
+        (c.function.name, c.function.arguments) for c in choice.message.tool_calls
+    ]
+    assert max(c["fragments"] for c in calls) > 1, calls
