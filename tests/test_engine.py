@@ -117,7 +117,7 @@ def test_mixed_workload_compiles_nothing(smol_llm, compiles):
     assert compiles.count == 0
 
 
-@pytest.mark.slow  # 200 requests: a minute on 2 cores
+@pytest.mark.slow  # 120 requests: half a minute on 2 cores
 def test_every_page_is_free_after_random_requests_and_aborts(tiny_model):
     llm = LLM(tiny_model, EngineConfig(max_batch=8, max_seq_len=128, max_prefill_tokens=64, min_context_tokens=128))
     engine, rng = llm.engine, random.Random(1)
@@ -134,7 +134,7 @@ def test_every_page_is_free_after_random_requests_and_aborts(tiny_model):
                 break
 
     async def run():
-        await asyncio.gather(*(one(i) for i in range(200)))
+        await asyncio.gather(*(one(i) for i in range(120)))
         deadline = time.monotonic() + 60  # aborts are applied by the step thread
         while engine.stats()["running"] or engine.stats()["waiting"]:
             assert time.monotonic() < deadline, engine.stats()

@@ -44,7 +44,11 @@ def gemma_llm(smol_model):
     model = dataclasses.replace(
         smol_model, name="tiny-gemma3", cfg=cfg, params=init_params(cfg, seed=3, scale=0.5), fingerprint="tinygemma3"
     )
-    llm = LLM(model, EngineConfig(max_batch=4, max_seq_len=256, max_prefill_tokens=64, min_context_tokens=256))
+    # one prefill bucket: fewer executables to compile
+    config = EngineConfig(
+        max_batch=4, max_seq_len=256, min_prefill_tokens=64, max_prefill_tokens=64, min_context_tokens=256
+    )
+    llm = LLM(model, config)
     yield llm
     llm.shutdown()
 
