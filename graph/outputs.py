@@ -1,6 +1,6 @@
 """From sampled token ids to `RequestOutput` deltas: finish conditions (end tokens, stop token
-ids, stop strings, a complete grammar, max_tokens, context length), incremental detokenization that never splits a
-UTF-8 character, stop strings that are never shown, and logprobs.
+ids, stop strings, a complete grammar, max_tokens, context length), incremental detokenization
+that never splits a UTF-8 character, stop strings that are never shown, and logprobs.
 """
 
 from __future__ import annotations

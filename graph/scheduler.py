@@ -37,6 +37,7 @@ import itertools
 from typing import Any
 
 from graph.api import SamplingParams
+from graph.buckets import pick
 from graph.kv_cache import PageAllocator, extend_hashes
 
 _arrivals = itertools.count()
@@ -275,8 +276,8 @@ class Scheduler:
         below = [s for s in sizes if s < n]
         if not below or n > sizes[-1]:
             return step
-        up, cut = min(s for s in sizes if s >= n), below[-1]
-        if cut + min(s for s in sizes if s >= n - cut) + STEP_COST >= up:
+        cut = below[-1]
+        if cut + pick(sizes, n - cut) + STEP_COST >= pick(sizes, n):
             return step
         chunks, left = [], cut
         for c in step.chunks:
