@@ -20,6 +20,7 @@ from graph.buckets import Buckets
 from graph.cli import add_options, build
 from graph.executables import ExecutableTable
 from graph.kv_cache import plan_num_pages
+from graph.layout import check_mesh
 from models.loader import load_model
 
 
@@ -37,6 +38,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m graph.aot") -> No
     except ValueError as e:
         parser.error(str(e))
     model = load_model(args.model, config.dtype)
+    try:
+        check_mesh(model.cfg, config)
+    except ValueError as e:
+        parser.error(str(e))
     buckets = Buckets.from_config(config)
     num_pages = plan_num_pages(model, config, buckets)
     table = ExecutableTable.compile(model.cfg, model.dtype, config, buckets, num_pages, serializable=True)

@@ -75,6 +75,8 @@ class EngineConfig:
     # 60 s: a reverse proxy's default read timeout (nginx, AWS ALB) would cut a request that waits
     # longer anyway, and a minute without a first token is already a failure to a person waiting.
     max_queue_wait: float = 60.0  # seconds: a request expected to wait longer for its first step gets 429 (0: off)
+    tensor_parallel: int = 1  # devices each step's heads, MLP and vocabulary are split over (graph/sharding.py)
+    data_parallel: int = 1  # devices each step's batch (and the KV pool's pages) is split over
     dtype: str = "float32"  # float32 | bfloat16
     quantize: str = "none"  # none | int8: int8 weights (int8 x int8 dots on CPU, weight-only on GPU/TPU)
     layer_loop: str = "auto"  # auto (layered on CPU, else scan) | scan | unroll | layered: one executable per layer
@@ -92,7 +94,10 @@ class EngineConfig:
             raise ValueError(f"quantize must be none or int8, not {self.quantize!r}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 0:
             raise ValueError("max_num_batched_tokens must be 0 (no mixed steps) or more")
-        for name in ("max_batch", "max_seq_len", "page_size", "max_prefill_tokens", "min_prefill_tokens", "max_queue"):
+        for name in (
+            "max_batch", "max_seq_len", "page_size", "max_prefill_tokens", "min_prefill_tokens", "max_queue",
+            "tensor_parallel", "data_parallel",
+        ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         for name in ("max_queue_wait", "debug_step_delay", "debug_fail_step"):

@@ -57,7 +57,7 @@ from graph.batching import build_step
 from graph.buckets import Buckets
 from graph.executables import ExecutableTable
 from graph.kv_cache import PageAllocator, kv_bytes_per_page, plan_num_pages
-from graph.layout import device_weights
+from graph.layout import check_mesh, device_weights
 from graph.outputs import OutputProcessor
 from graph.sampling import MAX_LOGIT_BIAS, MAX_SUPPRESS
 from graph.scheduler import Decode, Mixed, Prefill, Scheduler, Sequence
@@ -162,6 +162,7 @@ class Engine:
     @classmethod
     def create(cls, model: LoadedModel, config: EngineConfig) -> Engine:
         compile_cache.configure(config.compile_cache)
+        check_mesh(model.cfg, config)
         if config.dtype != model.dtype:
             config = dataclasses.replace(config, dtype=model.dtype)
         buckets = Buckets.from_config(config)

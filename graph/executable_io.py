@@ -33,12 +33,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax._src import stages
 from jax._src.core import ShapedArray
 from jax._src.interpreters import pxla
 from jax._src.lib import xla_client as xc
 from jax._src.linear_util import DebugInfo
 from jax._src.named_sharding import UNSPECIFIED
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from jax.tree_util import PyTreeDef, default_registry
 
 _BUILTIN_NODES = {"tuple": tuple, "list": list, "dict": dict, "NoneType": type(None)}
@@ -85,6 +88,7 @@ def describe(compiled: jax.stages.Compiled) -> tuple[dict[str, Any], bytes]:
         "out_avals": [_aval_json(a) for a in unloaded.output_avals],
         "committed": unloaded.committed,
         "no_kwargs": compiled._no_kwargs,
+        **_mesh_json(unloaded.input_shardings, unloaded.output_shardings),
     }
     description = json.loads(json.dumps(description))  # check what loading will see
     rebuilt, rebuilt_args, rebuilt_out = _rebuild(
@@ -159,12 +163,16 @@ def _rebuild(
         raise BadExecutableError(f"unreadable description: {e!r}") from None
     if in_tree.num_leaves != len(avals) or out_tree.num_leaves != len(out_avals) or not kept <= set(range(len(avals))):
         raise BadExecutableError("the description's trees and avals disagree")
+    mesh = _mesh(d, backend)
+    if mesh is not None:  # avals on a mesh carry its abstract form
+        avals = [a.update(sharding=NamedSharding(mesh.abstract_mesh, P(*(None,) * a.ndim))) for a in avals]
+        out_avals = [a.update(sharding=NamedSharding(mesh.abstract_mesh, P(*(None,) * a.ndim))) for a in out_avals]
     in_avals = [a for i, a in enumerate(avals) if i in kept]
     in_shardings = pxla._maybe_get_and_check_in_shardings(
-        executable, [UNSPECIFIED] * len(in_avals), devices, in_avals, 0
+        executable, _shardings(mesh, d.get("in_specs"), len(in_avals)), devices, in_avals, 0
     )
     out_shardings = pxla._maybe_get_and_check_out_shardings(
-        executable, [UNSPECIFIED] * len(out_avals), devices, out_avals, 0
+        executable, _shardings(mesh, d.get("out_specs"), len(out_avals)), devices, out_avals, 0
     )
     in_layouts, out_layouts = pxla._get_layouts_from_executable(
         executable, [None] * len(in_avals), [None] * len(out_avals), 0, in_avals, out_avals
@@ -194,6 +202,55 @@ def _rebuild(
         pgle_profiler=None,
     )
     return unloaded, stages.make_args_info(in_tree, avals, donated), out_tree
+
+
+def _mesh_json(in_shardings: Any, out_shardings: Any) -> dict[str, Any]:
+    """The mesh of an executable compiled with NamedShardings (graph/sharding.py), and the
+    PartitionSpec of each argument and result: what `_rebuild` needs to give it the same
+    shardings (the executable itself only knows their device-level form)."""
+    named = [s for s in (*in_shardings, *out_shardings) if isinstance(s, NamedSharding)]
+    if not named:
+        return {}
+    mesh = named[0].mesh
+    if any(s.mesh != mesh for s in named) or len(named) != len(in_shardings) + len(out_shardings):
+        raise BadExecutableError("an executable on more than one mesh, or partly on none, cannot be described")
+    return {
+        "mesh": {
+            "axes": [[str(n), int(k)] for n, k in mesh.shape.items()],
+            "devices": [int(x.id) for x in mesh.devices.reshape(-1)],
+        },
+        "in_specs": [_spec_json(s.spec) for s in in_shardings],
+        "out_specs": [_spec_json(s.spec) for s in out_shardings],
+    }
+
+
+def _spec_json(spec: P) -> list[Any]:
+    return [list(e) if isinstance(e, tuple) else e for e in spec]
+
+
+def _mesh(d: dict[str, Any], backend: Any) -> Mesh | None:
+    if d.get("mesh") is None:
+        return None
+    by_id = {x.id: x for x in backend.devices()}
+    try:
+        names, sizes = zip(*((str(n), int(k)) for n, k in d["mesh"]["axes"]), strict=True)
+        devices = np.asarray([by_id[int(i)] for i in d["mesh"]["devices"]], dtype=object).reshape(sizes)
+        return Mesh(devices, names)
+    except (KeyError, TypeError, ValueError) as e:
+        raise BadExecutableError(f"unreadable mesh: {e!r}") from None
+
+
+def _shardings(mesh: Mesh | None, specs: Any, n: int) -> list[Any]:
+    if mesh is None:
+        return [UNSPECIFIED] * n
+    if n == 0:
+        return ()  # as jax keeps it
+    if not isinstance(specs, list) or len(specs) != n:
+        raise BadExecutableError("the description's specs and avals disagree")
+    try:
+        return [NamedSharding(mesh, P(*(tuple(e) if isinstance(e, list) else e for e in spec))) for spec in specs]
+    except (TypeError, ValueError) as e:
+        raise BadExecutableError(f"unreadable spec: {e!r}") from None
 
 
 def _aval_json(a: ShapedArray) -> list[Any]:

@@ -28,11 +28,11 @@ import jaxlib
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from graph import compile_cache, executable_io
+from graph import compile_cache, executable_io, sharding
 from graph.api import ArtifactMismatchError, EngineConfig
 from graph.buckets import Buckets
-from graph.layout import layer_loop
-from graph.programs import INIT_KV, Key, StepProgram, lowerings, segments_of, unit_names
+from graph.layout import layer_loop, mesh_of
+from graph.programs import INIT_KV, Key, StepProgram, lowerings, sharded_inputs, unit_names
 from graph.step import StepInputs
 from models.config import ModelConfig
 
@@ -206,7 +206,10 @@ class ExecutableTable:
             if not all(n in self.executables for n in names):
                 raise UncompiledShapeError(f"no compiled executable for {key}; buckets: {self.buckets}")
             program = self._programs[key] = StepProgram(
-                self.cfg, [self.executables[n] for n in names], len(segments_of(key))
+                self.cfg,
+                [self.executables[n] for n in names],
+                sharded_inputs(self.cfg, self.config, key, self.config.max_seq_len),
+                mesh_of(self.config),
             )
         return program
 
@@ -356,8 +359,7 @@ def identity(fingerprint: str, dtype: str, config: EngineConfig, buckets: Bucket
         "jax": jax.__version__,
         "jaxlib": jaxlib.__version__,
         "backend": jax.default_backend(),
-        "device_kind": jax.devices()[0].device_kind,
-        "device_count": jax.device_count(),
+        "mesh": sharding.describe(mesh_of(config)),  # axes, device kind and count, processes
         "model_fingerprint": fingerprint,
         "dtype": dtype,
         "buckets": dataclasses.asdict(buckets),

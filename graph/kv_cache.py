@@ -22,6 +22,7 @@ import numpy as np
 from graph.api import EngineConfig
 from graph.buckets import Buckets
 from graph.executables import lower
+from graph.layout import mesh_of, weight_bytes_per_device
 from models.config import ModelConfig
 from models.params import DTYPES
 
@@ -179,17 +180,18 @@ class MemoryPlan:
 
 
 def memory_plan(config: EngineConfig, weights_bytes: int, temp: int, temp_owner: str, full_batch_bytes: int):
-    """The budget of the pool: `--kv-memory-gb` if given, else `kv_memory_fraction` of the memory
-    the device has left after the weights and the executables' temporaries. On CPU that memory is
+    """The budget of the pool on each device: `--kv-memory-gb` if given, else `kv_memory_fraction`
+    of the memory the device has left after its share of the weights (`weights_bytes`) and the
+    executables' temporaries. On CPU (every device is the host's memory) that memory is
     the host's (MemAvailable, with the weights already loaded into it), shared with everything
     else, so the pool there takes no more than the decode batch can use: `max_batch` sequences of
     `max_seq_len` tokens."""
     if config.kv_memory_gb is not None:
         return MemoryPlan(int(config.kv_memory_gb * 2**30), 0, temp_owner, 1.0)
-    device = jax.devices()[0]
-    stats = device.memory_stats() if device.platform != "cpu" else None
-    if stats and "bytes_limit" in stats:
-        available = stats["bytes_limit"] - max(stats.get("bytes_in_use", 0), weights_bytes)
+    devices = [d for d in mesh_of(config).devices.flat if d.process_index == jax.process_index()]
+    stats = [d.memory_stats() if d.platform != "cpu" else None for d in devices]
+    if all(s and "bytes_limit" in s for s in stats):  # the device with the least left decides
+        available = min(s["bytes_limit"] - max(s.get("bytes_in_use", 0), weights_bytes) for s in stats)
         return MemoryPlan(available, temp, temp_owner, config.kv_memory_fraction)
     return MemoryPlan(host_available_bytes(), temp, temp_owner, config.kv_memory_fraction, cap=full_batch_bytes)
 
@@ -234,9 +236,16 @@ def plan_num_pages(model: LoadedModel, config: EngineConfig, buckets: Buckets) -
     temp = temps[owner]
     per_page = kv_bytes_per_page(model.cfg, config.page_size, model.dtype)
     full_batch = (config.max_batch * buckets.max_pages + 1) * per_page
-    weights = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(model.params))
+    mesh = mesh_of(config)
+    if all(d.platform == "cpu" for d in mesh.devices.flat):
+        weights = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(model.params))
+    else:  # one device's share of the weights, and of each page (its KV heads; pages split over data)
+        weights = weight_bytes_per_device(model.cfg, model.dtype, config)
+        per_page //= config.tensor_parallel * config.data_parallel
     plan = memory_plan(config, weights, temp, owner, full_batch)
     pages = plan_pages(plan, per_page, buckets.max_pages)
+    if pages - pages % config.data_parallel > buckets.max_pages:
+        pages -= pages % config.data_parallel  # each data shard has the same number of pages
     log.info(
         "KV pool: %d pages (%.0f MiB); %.0f MiB available, %.0f MiB of temporaries (%s)",
         pages, pages * per_page / 2**20, plan.available / 2**20, temp / 2**20, plan.temp_owner,

@@ -12,10 +12,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from graph import sharding
 from graph.api import EngineConfig
 from models.config import ModelConfig
-from models.params import DTYPES, Weights, abstract_weights, prepare
+from models.params import DTYPES, Weights, abstract_weights, compute_axes, prepare
 
 
 def layer_loop(config: EngineConfig) -> str:
@@ -33,16 +35,39 @@ def weight_options(config: EngineConfig) -> dict[str, Any]:
     }
 
 
+def mesh_of(config: EngineConfig) -> Mesh:
+    return sharding.make_mesh(config.data_parallel, config.tensor_parallel)
+
+
+def check_mesh(cfg: ModelConfig, config: EngineConfig) -> None:
+    """MeshError (a ValueError, naming what would work) if this model cannot run on the mesh asked for."""
+    sharding.check(cfg.num_kv_heads, cfg.num_heads, config.tensor_parallel, config.data_parallel, jax.device_count())
+
+
 def device_weights(params: dict[str, Any], cfg: ModelConfig, config: EngineConfig) -> Weights:
-    """The loaded (checkpoint-form) parameters in compute form, on the device. Done on the host
-    with numpy: a start from AOT artifacts must not compile even small programs."""
-    host = jax.tree.map(np.asarray, params)
-    return jax.tree.map(jax.device_put, prepare(host, cfg, xp=np, **weight_options(config)))
+    """The loaded (checkpoint-form) parameters in compute form, on the mesh, each array in its
+    sharding. Done on the host with numpy: a start from AOT artifacts must not compile even small
+    programs."""
+    host = prepare(jax.tree.map(np.asarray, params), cfg, xp=np, **weight_options(config))
+    return jax.device_put(host, weight_shardings(cfg, str(np.dtype(params["embed"].dtype)), config))
 
 
 def abstract_device_weights(cfg: ModelConfig, dtype: str, config: EngineConfig) -> Weights:
-    return abstract_weights(cfg, DTYPES[dtype], **weight_options(config))
+    """The compute-form weights as ShapeDtypeStructs carrying their shardings on the mesh."""
+    abstract = abstract_weights(cfg, DTYPES[dtype], **weight_options(config))
+    return sharding.attach(abstract, weight_shardings(cfg, dtype, config))
+
+
+def weight_shardings(cfg: ModelConfig, dtype: str, config: EngineConfig) -> Weights:
+    abstract = abstract_weights(cfg, DTYPES[dtype], **weight_options(config))
+    return sharding.tree_shardings(mesh_of(config), abstract, compute_axes(abstract))
 
 
 def weight_bytes(weights: Any) -> int:
     return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(weights))
+
+
+def weight_bytes_per_device(cfg: ModelConfig, dtype: str, config: EngineConfig) -> int:
+    """What one device of the mesh holds of the compute-form weights."""
+    abstract = abstract_weights(cfg, DTYPES[dtype], **weight_options(config))
+    return sharding.per_device_bytes(abstract, weight_shardings(cfg, dtype, config))

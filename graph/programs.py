@@ -25,9 +25,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from graph import sharding
 from graph.api import EngineConfig
-from graph.layout import abstract_device_weights, layer_loop
+from graph.layout import abstract_device_weights, layer_loop, mesh_of
 from graph.step import Key, StepInputs, abstract_inputs, front, head, init_kv, layers, step
 from models import transformer
 from models.config import ModelConfig
@@ -81,14 +83,17 @@ def lowerings(
 ) -> dict[str, Callable[[], Any]]:
     """name -> a function lowering that executable (called only for names not compiled yet)."""
     jdtype = DTYPES[dtype]
-    kv = jax.eval_shape(functools.partial(init_kv, kv_shape(cfg, num_pages, config.page_size), jdtype))
+    mesh = mesh_of(config)
+    rep, batch = sharding.replicated(mesh), functools.partial(sharding.batch_leading, mesh)
+    shape = kv_shape(cfg, num_pages, config.page_size)
+    pool = KVCache(*(sharding.kv(mesh, shape),) * 2)
+    kv = sharding.attach(jax.eval_shape(functools.partial(init_kv, shape, jdtype)), pool)
     names = unit_names(key, layer_loop(config))
     if key == INIT_KV:
-        return {names[0]: lambda: jax.jit(functools.partial(init_kv, kv.k.shape, jdtype)).lower()}
+        return {names[0]: lambda: jax.jit(functools.partial(init_kv, shape, jdtype), out_shardings=pool).lower()}
     weights = abstract_device_weights(cfg, dtype, config)
     segs = segments_of(key)
-    W = key[3]
-    inputs = tuple(abstract_inputs((sp, sb, st, W), max_seq_len, cfg.vocab_size) for sp, sb, st in segs)
+    inputs = sharded_inputs(cfg, config, key, max_seq_len)
     prefill = tuple(sp == "prefill" for sp, _, _ in segs)
 
     def precise(fn: Callable[[], Any]) -> Callable[[], Any]:
@@ -101,21 +106,35 @@ def lowerings(
 
     if len(names) == 1:
         fn = functools.partial(step, cfg=cfg, prefill=prefill)
-        return {names[0]: precise(lambda: jax.jit(fn, donate_argnums=(1,)).lower(weights, kv, inputs))}
+        jitted = jax.jit(fn, donate_argnums=(1,), out_shardings=(pool, rep))
+        return {names[0]: precise(lambda: jitted.lower(weights, kv, inputs))}
     n = len(segs)
-    hs = tuple(jax.ShapeDtypeStruct((sb, st, cfg.hidden_size), jdtype) for _, sb, st in segs)
-    tables = (jax.ShapeDtypeStruct((sb, st, cfg.head_dim), jnp.float32) for _, sb, st in segs)
+
+    def activations(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=batch(shape))
+
+    hs = tuple(activations((sb, st, cfg.hidden_size), jdtype) for _, sb, st in segs)
+    tables = (activations((sb, st, cfg.head_dim), jnp.float32) for _, sb, st in segs)
     ropes = tuple(((r, r), (r, r)) for r in tables)  # per segment: (global, local), each (cos, sin)
     G = group_size(cfg)
-    per_layer = (jax.ShapeDtypeStruct((G,), jnp.int32), jax.ShapeDtypeStruct((G,), jnp.bool_))
+    per_layer = (
+        jax.ShapeDtypeStruct((G,), jnp.int32, sharding=rep),
+        jax.ShapeDtypeStruct((G,), jnp.bool_, sharding=rep),
+    )
     top = without_layers(weights)
     out = {}
-    for name, inp in zip(names[:n], inputs, strict=True):
+    for name, inp, h, rope in zip(names[:n], inputs, hs, ropes, strict=True):
         out[name] = precise(
-            lambda inp=inp: jax.jit(functools.partial(front, cfg=cfg)).lower(top, inp.tokens, inp.positions)
+            lambda inp=inp, h=h, rope=rope: jax.jit(
+                functools.partial(front, cfg=cfg), out_shardings=(h.sharding, jax.tree.map(lambda r: r.sharding, rope))
+            ).lower(top, inp.tokens, inp.positions)
         )
     out[names[n]] = precise(
-        lambda: jax.jit(functools.partial(layers, cfg=cfg), donate_argnums=(2,)).lower(
+        lambda: jax.jit(
+            functools.partial(layers, cfg=cfg),
+            donate_argnums=(2,),
+            out_shardings=(tuple(h.sharding for h in hs), pool),
+        ).lower(
             weights.layers[:G],
             hs,
             kv,
@@ -129,17 +148,44 @@ def lowerings(
     )
     for name, h, inp, p in zip(names[n + 1 :], hs, inputs, prefill, strict=True):
         out[name] = precise(
-            lambda h=h, inp=inp, p=p: jax.jit(functools.partial(head, cfg=cfg, prefill=p)).lower(top, h, for_head(inp))
+            lambda h=h, inp=inp, p=p: jax.jit(functools.partial(head, cfg=cfg, prefill=p), out_shardings=rep).lower(
+                top, h, for_head(inp)
+            )
         )
     return out
 
 
-class StepProgram:
-    """The callable of one bucket: `(weights, kv, per-segment inputs) -> (kv, per-segment StepOutputs)`."""
+# step inputs whose first dimension is the batch (split over "data"); the rest are per sampled
+# row or scalars, replicated
+_BATCH_INPUTS = ("tokens", "positions", "base", "page_table", "next_tokens")
 
-    def __init__(self, cfg: ModelConfig, units: list[Any], segments: int):
+
+def sharded_inputs(cfg: ModelConfig, config: EngineConfig, key: Key, max_seq_len: int) -> tuple[StepInputs, ...]:
+    """The abstract inputs of each segment of `key`'s step, carrying their shardings."""
+    mesh = mesh_of(config)
+    segs = (abstract_inputs((sp, sb, st, key[3]), max_seq_len, cfg.vocab_size) for sp, sb, st in segments_of(key))
+    return tuple(sharding.attach(a, input_shardings(mesh, a)) for a in segs)
+
+
+def input_shardings(mesh: Mesh, inputs: StepInputs) -> StepInputs:
+    """Where each of a segment's step inputs sits on the mesh."""
+    rep = sharding.replicated(mesh)
+    return StepInputs(**{
+        f: jax.tree.map(
+            lambda a, f=f: sharding.batch_leading(mesh, a.shape) if f in _BATCH_INPUTS else rep, getattr(inputs, f)
+        )
+        for f in StepInputs._fields
+    })  # fmt: skip
+
+
+class StepProgram:
+    """The callable of one bucket: `(weights, kv, per-segment inputs) -> (kv, per-segment StepOutputs)`.
+    `inputs` are the abstract inputs of its segments, carrying their shardings."""
+
+    def __init__(self, cfg: ModelConfig, units: list[Any], inputs: tuple[StepInputs, ...], mesh: Mesh):
         self.units = units
-        self.segments = segments
+        self.segments = len(inputs)
+        self.input_shardings = jax.tree.map(lambda a: a.sharding, inputs)
         if len(units) > 1:  # layered: each group's layer indices, rope kinds and windows, on the device
             G = self.group = group_size(cfg)
             self.groups = [
@@ -147,16 +193,16 @@ class StepProgram:
                     np.arange(i, i + G, dtype=np.int32),
                     np.asarray(cfg.sliding_flags[i : i + G]),
                     np.asarray(transformer.windows(cfg)[i : i + G], np.int32),
-                ))
+                ), sharding.replicated(mesh))
                 for i in range(0, cfg.num_layers, G)
             ]  # fmt: skip
 
     def __call__(self, w: Weights, kv: KVCache, inputs: tuple[StepInputs, ...]):
+        inputs = jax.device_put(inputs, self.input_shardings)  # once, not once per layer
         if len(self.units) == 1:
             return self.units[0](w, kv, inputs)
         n = self.segments
         fronts, layer_, heads = self.units[:n], self.units[n], self.units[n + 1 :]
-        inputs = jax.device_put(inputs)  # once, not once per layer
         top = without_layers(w)
         hs, ropes = zip(*(f(top, i.tokens, i.positions) for f, i in zip(fronts, inputs, strict=True)), strict=True)
         page_tables = tuple(i.page_table for i in inputs)

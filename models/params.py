@@ -123,6 +123,45 @@ class Weights:
     layers: LayerWeights | list[LayerWeights]  # stacked (scan) or one per layer (unrolled)
 
 
+# Logical axes of each compute-form field (a stacked layer's have a leading "layers"); an int8
+# `QTensor` has its matrix's axes on `q` and the output axis on `scale`.
+COMPUTE_AXES: dict[str, tuple[str, ...]] = {
+    "embed": ("vocab", "embed"),
+    "final_norm": ("norm",),
+    "lm_head": ("embed", "vocab"),
+    "attn_norm": ("norm",),
+    "qkv": ("embed", "heads"),  # q heads, then k and v heads: all split by head
+    "o": ("heads", "embed"),
+    "mlp_norm": ("norm",),
+    "gate_up": ("embed", "mlp"),
+    "down": ("mlp", "embed"),
+    "qkv_bias": ("heads",),
+    "o_bias": ("norm",),
+    "q_norm": ("head_dim",),
+    "k_norm": ("head_dim",),
+    "post_attn_norm": ("norm",),
+    "post_mlp_norm": ("norm",),
+}
+
+
+def compute_axes(weights: Weights) -> Any:
+    """The logical axes of every array of `weights` (compute form), as a tree of the same shape
+    whose leaves are tuples of axis names."""
+
+    def axes(path, leaf) -> tuple[str | None, ...]:
+        names = [k.name for k in path if isinstance(k, jax.tree_util.GetAttrKey)]
+        field = next(n for n in reversed(names) if n in COMPUTE_AXES)
+        out: tuple[str | None, ...] = COMPUTE_AXES[field]
+        if names[-1] == "scale":  # QTensor: one scale per output channel
+            out = out[-1:]
+        lead = len(leaf.shape) - len(out)  # 1 for a stacked layer's leaf, else 0
+        if lead not in (0, 1):
+            raise ValueError(f"{jax.tree_util.keystr(path)}: shape {leaf.shape} does not fit axes {out}")
+        return ("layers",) * lead + out
+
+    return jax.tree_util.tree_map_with_path(axes, weights)
+
+
 def prepare(params: Params, cfg: ModelConfig, *, unrolled: bool, quantize: str | None, act_quant: bool, xp=np):
     """Checkpoint form -> compute form (`Weights`). `xp` is numpy for real weights (done on the
     host: nothing compiles) or jax.numpy under `jax.eval_shape` for the abstract shapes."""
