@@ -5,6 +5,14 @@ compilation cache."""
 
 from __future__ import annotations
 
+import os
+
+# Eight simulated CPU devices for the whole session, set before jax starts: the mesh tests
+# (tests/test_sharding.py) split engines over them; every other engine runs on the first one, as
+# on a one-device machine. The server subprocesses inherit it.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
 import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
