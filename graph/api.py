@@ -76,7 +76,7 @@ class EngineConfig:
     # longer anyway, and a minute without a first token is already a failure to a person waiting.
     max_queue_wait: float = 60.0  # seconds: a request expected to wait longer for its first step gets 429 (0: off)
     tensor_parallel: int = 1  # devices each step's heads, MLP and vocabulary are split over (graph/sharding.py)
-    data_parallel: int = 1  # devices each step's batch (and the KV pool's pages) is split over
+    data_parallel: int = 1  # devices each step's batch is split over (each holds the whole KV pool)
     dtype: str = "float32"  # float32 | bfloat16
     quantize: str = "none"  # none | int8: int8 weights (int8 x int8 dots on CPU, weight-only on GPU/TPU)
     layer_loop: str = "auto"  # auto (layered on CPU, else scan) | scan | unroll | layered: one executable per layer

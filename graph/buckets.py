@@ -70,7 +70,8 @@ class Buckets:
             mixed = max(fits)
         return cls(
             prefill_tokens=prefill_tokens,
-            decode_batch=powers_of_two(1, c.max_batch),
+            # data parallel: the smallest decode batch gives every data shard a row (D = 2: 2, 4, 8, ...)
+            decode_batch=powers_of_two(min(c.data_parallel, c.max_batch), c.max_batch),
             context_pages=powers_of_two(min_pages, max_pages),
             page_size=c.page_size,
             mixed_tokens=mixed,

@@ -39,9 +39,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
-import jax
-
-from graph import compile_cache
+from graph import compile_cache, multihost
 from graph.api import (
     MAX_SEED,
     EngineBrokenError,
@@ -108,6 +106,10 @@ class RequestStream:
 
 class Engine:
     def __init__(self, model: LoadedModel, config: EngineConfig, table: ExecutableTable):
+        # several processes: the followers run every device call this one makes (graph/multihost.py)
+        self.channel = multihost.StepChannel() if multihost.is_multiprocess() else None
+        if self.channel is not None:
+            self.channel.publish("setup", num_pages=table.num_pages)
         self.model = model
         self.config = config
         self.table = table
@@ -129,7 +131,7 @@ class Engine:
         self.grammars = Grammars(model.tokenizer, model.cfg.vocab_size, self.outputs.eos_ids)
         self.mask_seconds = 0.0  # host time spent computing grammar masks (all steps)
         self.params = device_weights(model.params, model.cfg, config)
-        self.kv = table.init_kv()
+        self.kv = self._init_kv()
         self._lock = threading.Condition()
         self._inbox: list[tuple[Sequence, RequestStream]] = []
         self._aborts: list[str] = []
@@ -326,6 +328,9 @@ class Engine:
             self._stop = True
             self._lock.notify()
         self._thread.join()
+        if self.channel is not None and self._broken is None:
+            self.channel.publish("stop")
+            self.channel = None
         atexit.unregister(self.shutdown)
         self.kv = None  # the pool's memory goes back now, not when the engine is collected
 
@@ -377,11 +382,13 @@ class Engine:
             time.sleep(self.config.debug_step_delay)
         key, inputs = build_step(decision, self.buckets, self.max_seq_len, self.outputs.suppressed, self._masks)
         self.step_kinds[key[0]] += 1
+        if self.channel is not None:
+            self.channel.publish("step", list(key), inputs)
         kv, outs = self.table.get(key)(self.params, self.kv, inputs)
         if self.steps == self.config.debug_fail_step:  # after the pool was donated, as a device error
             raise RuntimeError(f"step {self.steps} failed on purpose (debug_fail_step)")
         self.kv = kv
-        outs = jax.device_get(outs)
+        outs = multihost.fetch(outs)
         if isinstance(decision, Mixed):
             self._after_decode(decision.decode, outs[0])
             self._after_prefill(decision.prefill, outs[1])
@@ -390,6 +397,11 @@ class Engine:
         else:
             self._after_decode(decision, outs[0])
         self.estimator.step(key[0], time.monotonic() - started)
+
+    def _init_kv(self):
+        if self.channel is not None:
+            self.channel.publish("init_kv")
+        return self.table.init_kv()
 
     def _masks(self, rows):
         started = time.perf_counter()
@@ -412,8 +424,10 @@ class Engine:
             exc_info=error,
         )
         try:  # the new pool first: a client that sees its error sees the engine's state after it
+            if self.channel is not None:  # a process may be gone: the processes cannot agree on a new pool
+                raise RuntimeError("a step failed on a mesh of several processes")
             self.kv = None  # the old pool's memory goes back before the new one is made
-            self.kv = self.table.init_kv()
+            self.kv = self._init_kv()
         except Exception as e:
             log.exception("the engine could not recover from a failed step")
             self._broken = f"the engine could not recover from a failed step ({type(e).__name__}: {e})"

@@ -239,13 +239,11 @@ def plan_num_pages(model: LoadedModel, config: EngineConfig, buckets: Buckets) -
     mesh = mesh_of(config)
     if all(d.platform == "cpu" for d in mesh.devices.flat):
         weights = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(model.params))
-    else:  # one device's share of the weights, and of each page (its KV heads; pages split over data)
+    else:  # one device's share of the weights, and of each page (its KV heads)
         weights = weight_bytes_per_device(model.cfg, model.dtype, config)
-        per_page //= config.tensor_parallel * config.data_parallel
+        per_page //= config.tensor_parallel
     plan = memory_plan(config, weights, temp, owner, full_batch)
     pages = plan_pages(plan, per_page, buckets.max_pages)
-    if pages - pages % config.data_parallel > buckets.max_pages:
-        pages -= pages % config.data_parallel  # each data shard has the same number of pages
     log.info(
         "KV pool: %d pages (%.0f MiB); %.0f MiB available, %.0f MiB of temporaries (%s)",
         pages, pages * per_page / 2**20, plan.available / 2**20, temp / 2**20, plan.temp_owner,

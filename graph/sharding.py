@@ -10,10 +10,14 @@ Where each array sits comes from the logical axes it declares (`models/params.py
 for the checkpoint form, `compute_axes` for the compute form) through `RULES`:
 - tensor parallel: attention heads, KV heads, the MLP hidden dimension and the vocabulary (embedding
   and output head) are split over "model"; norms and everything else are replicated;
-- the KV page pool `[layers, kv heads, pages, page size, head dim]` is split by KV head over "model"
-  and by page over "data";
+- the KV page pool `[layers, kv heads, pages, page size, head dim]` is split by KV head over "model";
 - data parallel: the batch dimension of a step's token arrays is split over "data" (a decode batch
-  of 16 on D = 2 runs 8 rows per shard); the weights are replicated over "data".
+  of 16 on D = 2 runs 8 rows per shard); the weights and the KV pool are replicated over "data".
+  Each data shard reads its rows' pages from its own copy of the pool, and a step's new K/V (a few
+  kilobytes a row) is gathered to every copy. Splitting the pool's pages over "data" instead
+  (each shard its own slice) needs the scheduler to keep each sequence on the shard that holds its
+  pages; without that, XLA gathers the whole pool across shards at every layer (measured: ~18 s a
+  step for SmolLM2 on two processes), so it is not done yet.
 A dimension its mesh axis does not divide is replicated instead (e.g. a decode batch of 1 on D = 2).
 KV heads are the exception: they are never replicated to fill the axis (vLLM does that; it costs
 T / kv_heads times the pool's memory), so T must divide the KV head count, and a T that does not is
@@ -40,7 +44,6 @@ RULES: dict[str, str] = {
     "mlp": MODEL,
     "vocab": MODEL,
     "batch": DATA,
-    "pages": DATA,
 }
 KV_AXES = ("layers", "kv_heads", "pages", "page", "head_dim")  # the pool's dimensions
 

@@ -40,6 +40,9 @@ class ServerConfig:
     tool_call_parser: str | None = (
         None  # hermes | llama3_json: how tool calls are read from the model's text (none: no tools)
     )
+    coordinator: str | None = None  # HOST:PORT of process 0, to run as one of several processes (jax.distributed)
+    num_processes: int = 1  # processes in all (each with its own devices; one mesh over all of them)
+    process_id: int = 0  # this process: 0 serves HTTP and schedules, the others follow its steps
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
@@ -51,6 +54,10 @@ class ServerConfig:
             raise ValueError(f"tool_call_parser must be one of {', '.join(PARSERS)}, not {self.tool_call_parser!r}")
         if self.max_body_bytes < 1:
             raise ValueError("max_body_bytes must be at least 1")
+        if self.num_processes < 1 or not 0 <= self.process_id < self.num_processes:
+            raise ValueError("process_id must be at least 0 and less than num_processes")
+        if self.num_processes > 1 and not self.coordinator:
+            raise ValueError("--num-processes above 1 needs --coordinator HOST:PORT (process 0's address)")
 
 
 def build_parser(prog: str = "python -m serving.main") -> argparse.ArgumentParser:

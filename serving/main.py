@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import sys
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
+from graph import multihost
 from graph.api import ArtifactMismatchError
 from models.errors import ModelLoadError
 from serving.app import build_app
@@ -105,6 +107,19 @@ async def _in_daemon_thread(fn: Callable[[], Any]) -> Any:
     return await future
 
 
+def follow(config: ServerConfig) -> int:
+    """A process other than 0 of a multi-process server: load the same model, then run the steps
+    process 0 publishes (graph/multihost.py)."""
+    from models import loader
+
+    try:
+        model = loader.load_model(config.model, dtype=config.engine.dtype)
+        return multihost.follow(model, config.engine)
+    except (ModelLoadError, ArtifactMismatchError, ValueError) as e:
+        log.error("%s", e)
+        return 1
+
+
 def bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -170,10 +185,25 @@ class _Lifecycle:
             host, port = sock.getsockname()[:2]
             host = f"[{host}]" if ":" in host else host
             print(f"Server ready on http://{host}:{port} (Press CTRL+C to quit)", flush=True)
+        watch = asyncio.create_task(self._exit_when_broken(server, engine)) if engine.channel is not None else None
         await serving
         if self._engine_shutdown is not None:
             self._engine_shutdown.join()
+        if watch is not None:
+            watch.cancel()
+            return 1 if engine.broken is not None else 0
         return 0
+
+    @staticmethod
+    async def _exit_when_broken(server: uvicorn.Server, engine: Engine) -> None:
+        """Several processes: a broken engine (another process died) cannot recover, so the server
+        stops (its requests have had their errors) and exits non-zero."""
+        while not server.should_exit:
+            if engine.broken is not None:
+                log.error("the engine broke (%s): stopping the server", engine.broken)
+                server.should_exit = True
+                return
+            await asyncio.sleep(0.5)
 
     @staticmethod
     async def _abandon(server: uvicorn.Server, serving: asyncio.Task[None]) -> int:
@@ -195,13 +225,21 @@ def setup_logging(level: str) -> None:
 def main(argv: Sequence[str] | None = None, prog: str = "python -m serving.main") -> int:
     config = parse_args(argv, prog)
     setup_logging(config.log_level)
+    if config.num_processes > 1:
+        multihost.initialize(config.coordinator, config.num_processes, config.process_id)
+        if config.process_id != 0:  # no HTTP here: run process 0's steps
+            return follow(config)
     try:
         sock = bind(config.host, config.port)
     except OSError as e:
         log.error("cannot listen on %s:%d: %s", config.host, config.port, e.strerror or e)
         return 1
     log.info("listening on %s:%d; loading the model", config.host, sock.getsockname()[1])
-    return asyncio.run(_Lifecycle(config).run(sock))
+    status = asyncio.run(_Lifecycle(config).run(sock))
+    if status and config.num_processes > 1:  # another process is gone: leaving jax.distributed would wait on it
+        logging.shutdown()
+        os._exit(status)
+    return status
 
 
 if __name__ == "__main__":

@@ -58,8 +58,11 @@ LISTENING = re.compile(r"listening on (\S+):(\d+); loading the model")
 class ServerProcess:
     """One server subprocess; its stdout and stderr are kept (and written to `log_path`)."""
 
-    def __init__(self, args: list[str], log_path: Path, command: list[str] | None = None) -> None:
+    def __init__(
+        self, args: list[str], log_path: Path, command: list[str] | None = None, env: dict[str, str] | None = None
+    ) -> None:
         self.command = command or [sys.executable, "-m", "serving.main", "--port", "0", *cache_args(), *args]
+        self.env = env
         self.log_path = log_path
         self.stdout: list[str] = []
         self.stderr: list[str] = []
@@ -77,6 +80,7 @@ class ServerProcess:
             stderr=subprocess.PIPE,
             text=True,
             start_new_session=True,  # a signal to the test runner's group does not reach it
+            env=self.env,
         )
         for stream, lines in ((self.proc.stdout, self.stdout), (self.proc.stderr, self.stderr)):
             reader = threading.Thread(target=self._read, args=(stream, lines), daemon=True)

@@ -101,8 +101,8 @@ def test_parameters_and_the_kv_pool_sit_where_the_rules_say(smol_model):
             "gate_up": (layer.gate_up, P(None, "model")),  # the MLP's hidden dimension
             "down": (layer.down, P("model", None)),
             "attn_norm": (layer.attn_norm, P(None)),
-            "kv.k": (kv.k, P(None, "model", "data", None, None)),  # KV heads over model, pages over data
-            "kv.v": (kv.v, P(None, "model", "data", None, None)),
+            "kv.k": (kv.k, P(None, "model", None, None, None)),  # KV heads over model
+            "kv.v": (kv.v, P(None, "model", None, None, None)),
         }
         for what, (array, spec) in expected.items():
             assert array.sharding == NamedSharding(mesh, spec), what
@@ -111,8 +111,8 @@ def test_parameters_and_the_kv_pool_sit_where_the_rules_say(smol_model):
             parts = [1 if s is None else mesh.shape[s] for s in spec] + [1] * (array.ndim - len(spec))
             assert shard == tuple(n // k for n, k in zip(array.shape, parts, strict=True)), what
             assert len(array.addressable_shards) == 8
-        # a device holds 1/4 of the KV heads and 1/2 of the pages of the pool
-        assert kv.k.addressable_shards[0].data.shape == (2, 2, 8, 16, 8)
+        # a device holds 1/4 of the KV heads of the pool, all of its pages
+        assert kv.k.addressable_shards[0].data.shape == (2, 2, 16, 16, 8)
         assert llm.generate(PROMPTS[:1], GREEDY)[0].token_ids, "and it serves"
     finally:
         llm.shutdown()
@@ -183,7 +183,7 @@ def test_real_size_configs_fit_their_mesh(name, hf, data, tensor, dtype):
     assert per_device < total / tensor * 1.01
     pages = 8192 // 16 + 1
     pool = pages * kv_bytes_per_page(cfg, 16, dtype)
-    pool_per_device = pool // (tensor * data)
+    pool_per_device = pool // tensor
     print(
         f"{name} {dtype} on {data} x {tensor}: weights {total / 2**30:.1f} GiB, {per_device / 2**30:.2f} GiB per "
         f"device; 8k-token KV pool {pool / 2**30:.2f} GiB, {pool_per_device / 2**30:.3f} GiB per device"

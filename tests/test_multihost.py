@@ -1,0 +1,101 @@
+"""Two processes on loopback, one mesh (graph/multihost.py): `jax.distributed` over CPU with four
+simulated devices each, the bundled SmolLM2 data-parallel over all eight (an 8 x 1 global mesh;
+its 3 KV heads allow no tensor axis of 4 or 8). Process 0 serves HTTP; process 1 follows its steps.
+They answer as the one-process server does, stop together on SIGTERM, and a dead follower makes
+process 0 fail its in-flight requests and exit non-zero."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.server_fixtures import MODEL, SMALL_ENGINE, ServerProcess
+
+pytest_plugins = ("tests.server_fixtures",)
+pytestmark = pytest.mark.slow
+
+ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+COMPLETION = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 12, "temperature": 0}
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Name three colours."}], "max_tokens": 12}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def two_processes(tmp_path) -> Iterator[tuple[ServerProcess, ServerProcess]]:
+    args = [*SMALL_ENGINE, "--data-parallel", "8", "--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2"]
+    follower = ServerProcess([*args, "--process-id", "1"], tmp_path / "process1.log", env=ENV).start()
+    leader = ServerProcess([*args, "--process-id", "0"], tmp_path / "process0.log", env=ENV).start()
+    try:
+        leader.wait_ready(timeout=600)
+        yield leader, follower
+    finally:
+        for p in (leader, follower):
+            if p.proc.poll() is None:
+                p.proc.kill()
+                p.proc.wait()
+
+
+def _answers(url: str) -> list[str]:
+    import openai
+
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
+    completion = client.completions.create(**COMPLETION).choices[0].text
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**COMPLETION, stream=True))
+    chat = client.chat.completions.create(**CHAT, temperature=0).choices[0].message.content
+    chat_streamed = "".join(
+        c.choices[0].delta.content or "" for c in client.chat.completions.create(**CHAT, temperature=0, stream=True)
+    )
+    return [completion, streamed, chat, chat_streamed]
+
+
+def test_two_processes_answer_as_one_and_stop_together(server, tmp_path):
+    expected = _answers(server.url)
+    with two_processes(tmp_path) as (leader, follower):
+        assert _answers(leader.url) == expected
+        leader.signal(signal.SIGTERM)
+        assert leader.wait(60) == 0, leader.log_tail()
+        assert follower.wait(60) == 0, follower.log_tail()
+        assert any("process 0 stopped after" in line for line in follower.stderr)
+
+
+def test_a_dead_follower_fails_the_requests_in_flight_and_process_0_exits(tmp_path):
+    import openai
+
+    with two_processes(tmp_path) as (leader, follower):
+        client = openai.OpenAI(base_url=leader.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        streamed: list[str] = []
+        outcome: dict[str, object] = {}
+
+        def stream() -> None:
+            try:
+                body = {**COMPLETION, "max_tokens": 400, "stream": True, "extra_body": {"ignore_eos": True}}
+                for chunk in client.completions.create(**body):
+                    streamed.append(chunk.choices[0].text)
+                    outcome["finish"] = chunk.choices[0].finish_reason
+            except openai.APIError as e:
+                outcome["error"] = e
+
+        reader = threading.Thread(target=stream)
+        reader.start()
+        while len(streamed) < 3:  # decoding
+            time.sleep(0.05)
+            leader.check_alive()
+        follower.proc.kill()
+        killed = time.monotonic()
+        reader.join(60)
+        assert not reader.is_alive(), "the request in flight was never answered"
+        assert "error" in outcome, f"the stream ended without an error: {outcome}"
+        status = leader.wait(30 - (time.monotonic() - killed))
+        assert status != 0
