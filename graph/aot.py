@@ -17,6 +17,7 @@ import time
 from graph import compile_cache
 from graph.api import DTYPES, EngineConfig
 from graph.buckets import Buckets
+from graph.checkpoint import check_weights
 from graph.cli import add_options, build
 from graph.executables import ExecutableTable
 from graph.kv_cache import plan_num_pages
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m graph.aot") -> No
     model = load_model(args.model, config.dtype)
     try:
         check_mesh(model.cfg, config)
+        check_weights(model, config)
     except ValueError as e:
         parser.error(str(e))
     buckets = Buckets.from_config(config)

@@ -53,9 +53,10 @@ from graph.api import (
 )
 from graph.batching import build_step
 from graph.buckets import Buckets
+from graph.checkpoint import check_weights, load_weights
 from graph.executables import ExecutableTable
 from graph.kv_cache import PageAllocator, kv_bytes_per_page, plan_num_pages
-from graph.layout import check_mesh, device_weights
+from graph.layout import check_mesh
 from graph.outputs import OutputProcessor
 from graph.sampling import MAX_LOGIT_BIAS, MAX_SUPPRESS
 from graph.scheduler import Decode, Mixed, Prefill, Scheduler, Sequence
@@ -130,7 +131,7 @@ class Engine:
         self.outputs = OutputProcessor(model.tokenizer, model.cfg, config.max_seq_len)
         self.grammars = Grammars(model.tokenizer, model.cfg.vocab_size, self.outputs.eos_ids)
         self.mask_seconds = 0.0  # host time spent computing grammar masks (all steps)
-        self.params = device_weights(model.params, model.cfg, config)
+        self.params = load_weights(model, config)
         self.kv = self._init_kv()
         self._lock = threading.Condition()
         self._inbox: list[tuple[Sequence, RequestStream]] = []
@@ -167,6 +168,7 @@ class Engine:
         check_mesh(model.cfg, config)
         if config.dtype != model.dtype:
             config = dataclasses.replace(config, dtype=model.dtype)
+        check_weights(model, config)  # a converted model's weights fit this engine: before compiling
         buckets = Buckets.from_config(config)
         if config.aot_dir:
             table = ExecutableTable.load(config.aot_dir, model.cfg, model.dtype, config, buckets, model.fingerprint)

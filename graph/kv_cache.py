@@ -22,7 +22,7 @@ import numpy as np
 from graph.api import EngineConfig
 from graph.buckets import Buckets
 from graph.executables import lower
-from graph.layout import mesh_of, weight_bytes_per_device
+from graph.layout import abstract_device_weights, mesh_of, weight_bytes, weight_bytes_per_device
 from models.config import ModelConfig
 from models.params import DTYPES
 
@@ -237,8 +237,10 @@ def plan_num_pages(model: LoadedModel, config: EngineConfig, buckets: Buckets) -
     per_page = kv_bytes_per_page(model.cfg, config.page_size, model.dtype)
     full_batch = (config.max_batch * buckets.max_pages + 1) * per_page
     mesh = mesh_of(config)
-    if all(d.platform == "cpu" for d in mesh.devices.flat):
-        weights = sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(model.params))
+    if all(d.platform == "cpu" for d in mesh.devices.flat):  # host memory: the loaded weights
+        # (a converted model loads none: the compute form it restores)
+        loaded = model.params if model.checkpoint is None else abstract_device_weights(model.cfg, model.dtype, config)
+        weights = weight_bytes(loaded)
     else:  # one device's share of the weights, and of each page (its KV heads)
         weights = weight_bytes_per_device(model.cfg, model.dtype, config)
         per_page //= config.tensor_parallel

@@ -107,11 +107,13 @@ def follow(model: Any, config: Any) -> int:
     """A follower's life: build the same table and weights as process 0, then run every device
     call process 0 publishes until it says stop. -> exit status."""
     from graph.buckets import Buckets
+    from graph.checkpoint import check_weights, load_weights
     from graph.executables import ExecutableTable
-    from graph.layout import check_mesh, device_weights
+    from graph.layout import check_mesh
     from graph.programs import sharded_inputs
 
     check_mesh(model.cfg, config)
+    check_weights(model, config)
     channel = StepChannel()
     header, _ = channel.receive()  # process 0's table: its pool size decides this one's
     if header["kind"] != "setup":
@@ -121,7 +123,7 @@ def follow(model: Any, config: Any) -> int:
         table = ExecutableTable.load(config.aot_dir, model.cfg, model.dtype, config, buckets, model.fingerprint)
     else:
         table = ExecutableTable.compile(model.cfg, model.dtype, config, buckets, header["num_pages"])
-    params = device_weights(model.params, model.cfg, config)
+    params = load_weights(model, config)
     kv = None
     steps = 0
     log.info("following process 0")

@@ -5,7 +5,10 @@ A model source is one of:
      and `gemma3-270m`);
   2. a local Hugging Face directory (config.json, *.safetensors, tokenizer files);
   3. a local .gguf file (config and tokenizer from its metadata);
-  4. a Hugging Face hub id (downloaded with huggingface_hub; offline this fails with a message
+  4. a directory written by `scripts/convert.py` (it has `xlaserve.json`, models/checkpoint.py):
+     the weights stay on disk, already in compute form, and `graph/` restores them straight onto
+     the mesh; the config, tokenizer and fingerprint come from the directory;
+  5. a Hugging Face hub id (downloaded with huggingface_hub; offline this fails with a message
      that says how to pass a local path instead).
 """
 
@@ -21,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from models.checkpoint import ComputeCheckpoint, is_checkpoint_dir, read_metadata
 from models.config import ModelConfig
 from models.errors import ModelLoadError
 from models.params import DTYPES
@@ -56,11 +60,13 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 class LoadedModel:
     name: str  # the name the server reports by default
     cfg: ModelConfig
-    params: dict[str, Any]
+    params: dict[str, Any]  # checkpoint form; empty when `checkpoint` holds the weights
     tokenizer: Tokenizer
     dtype: str
     fingerprint: str  # identifies config + weights + dtype (used by AOT artifacts)
     path: Path
+    # A converted model: its weights are this orbax checkpoint, in compute form, not `params`.
+    checkpoint: ComputeCheckpoint | None = None
 
 
 def resolve(source: str | None) -> tuple[str, Path]:
@@ -112,6 +118,8 @@ def load_model(source: str | None = None, dtype: str = "float32") -> LoadedModel
     name, path = resolve(source)
     started = time.monotonic()
     log.info("loading %s from %s (%s)", name, path, dtype)
+    if is_checkpoint_dir(path):
+        return _load_checkpoint_dir(path, dtype, started)
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelLoadError(f"{path}: not a model: expected a .gguf file or a Hugging Face directory")
@@ -121,6 +129,20 @@ def load_model(source: str | None = None, dtype: str = "float32") -> LoadedModel
     tokenizer = load_tokenizer(path, eos_token_ids=cfg.eos_token_ids)
     log.info("loaded %s in %.1fs", name, time.monotonic() - started)
     return LoadedModel(name, cfg, params, tokenizer, dtype, _fingerprint(cfg, dtype, files), path)
+
+
+def _load_checkpoint_dir(path: Path, dtype: str, started: float) -> LoadedModel:
+    """A converted model: config, tokenizer and metadata now; the weights when an engine places
+    them (graph/checkpoint.py), each array straight into its sharding."""
+    info = read_metadata(path)
+    if info.dtype != dtype:
+        raise ModelLoadError(
+            f"{path}: the checkpoint holds {info.dtype} weights, not {dtype}: pass --dtype {info.dtype}, or convert "
+            f"the model again with --dtype {dtype}"
+        )
+    tokenizer = load_tokenizer(path, eos_token_ids=info.cfg.eos_token_ids)
+    log.info("read %s's checkpoint metadata and tokenizer in %.1fs", info.name, time.monotonic() - started)
+    return LoadedModel(info.name, info.cfg, {}, tokenizer, dtype, info.fingerprint, path, info.checkpoint)
 
 
 def _load_gguf(path: Path, dtype: str):

@@ -61,6 +61,11 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return bool(getattr(self.hf, "chat_template", None))
 
+    def save(self, directory: str | Path) -> None:
+        """Write the tokenizer (tokenizer.json, its config, the chat template) so `load_tokenizer`
+        reads it back with the same ids, special tokens and template, whatever it was loaded from."""
+        self.hf.save_pretrained(str(directory))
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=add_special_tokens))
 

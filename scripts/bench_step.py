@@ -24,8 +24,8 @@ import numpy as np
 
 from graph.api import EngineConfig, SamplingParams
 from graph.buckets import Buckets
+from graph.checkpoint import load_weights
 from graph.executables import ExecutableTable
-from graph.layout import device_weights
 from graph.programs import segments_of
 from graph.sampling import host_arrays
 from graph.step import abstract_inputs, rows_of
@@ -71,7 +71,7 @@ def time_variant(model, variant: str, args) -> None:
     buckets = Buckets.from_config(config)
     W = buckets.context_for(max(args.context + max([1, *args.chunk]), args.width))
     num_pages = max(args.batch) * W + W + 1
-    weights = device_weights(model.params, model.cfg, config)
+    weights = load_weights(model, config)  # a converted model (--model DIR): only its own variant
     rng = np.random.default_rng(0)
     keys = keys_for(args.batch, args.chunk, W)
     started = time.perf_counter()

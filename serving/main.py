@@ -220,6 +220,7 @@ def setup_logging(level: str) -> None:
     # ready yet; the ready line is ours.
     if level != "debug":
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
+        logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's ~15 lines per checkpoint restore
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m serving.main") -> int:
