@@ -31,8 +31,9 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
-from graph import multihost
 from graph.api import ArtifactMismatchError
+from graph.multihost import follow as follow_steps
+from graph.multihost import initialize as join_processes
 from models.errors import ModelLoadError
 from serving.app import build_app
 from serving.config import ServerConfig, parse_args
@@ -114,7 +115,7 @@ def follow(config: ServerConfig) -> int:
 
     try:
         model = loader.load_model(config.model, dtype=config.engine.dtype)
-        return multihost.follow(model, config.engine)
+        return follow_steps(model, config.engine)
     except (ModelLoadError, ArtifactMismatchError, ValueError) as e:
         log.error("%s", e)
         return 1
@@ -185,7 +186,8 @@ class _Lifecycle:
             host, port = sock.getsockname()[:2]
             host = f"[{host}]" if ":" in host else host
             print(f"Server ready on http://{host}:{port} (Press CTRL+C to quit)", flush=True)
-        watch = asyncio.create_task(self._exit_when_broken(server, engine)) if engine.channel is not None else None
+        several = self.config.num_processes > 1
+        watch = asyncio.create_task(self._exit_when_broken(server, engine)) if several else None
         await serving
         if self._engine_shutdown is not None:
             self._engine_shutdown.join()
@@ -227,7 +229,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m serving.main"
     config = parse_args(argv, prog)
     setup_logging(config.log_level)
     if config.num_processes > 1:
-        multihost.initialize(config.coordinator, config.num_processes, config.process_id)
+        join_processes(config.coordinator, config.num_processes, config.process_id)
         if config.process_id != 0:  # no HTTP here: run process 0's steps
             return follow(config)
     try:

@@ -252,10 +252,10 @@ def _convert_command(out: Path, *options: str) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quantize", ["none", "int8"])
-def test_converted_smollm2_serves_the_same_greedy_tokens(smol_model, tmp_path, quantize):
-    out = _convert_command(tmp_path / "smollm2", "--quantize", quantize)
-    config = dataclasses.replace(SMALL, quantize=quantize)
+def test_converted_smollm2_serves_the_same_greedy_tokens(smol_model, tmp_path):
+    """float32 (int8 conversion: the tiny model above; SmolLM2's int8 table would add a minute)."""
+    out = _convert_command(tmp_path / "smollm2")
+    config = SMALL
     prompts = [smol_model.tokenizer.encode(p) for p in ("The capital of France is", "def fib(n):")]
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
     assert _greedy(load_model(str(out)), config, prompts, params) == _greedy(smol_model, config, prompts, params)

@@ -21,7 +21,7 @@ ENGINE_SURFACE = {
 }  # fmt: skip
 # graph modules serving may import: the contract, the engine (to build one), and the command lines
 # (serving/config.py generates its options with graph.cli; `xlaserve compile` runs graph.aot).
-GRAPH_IMPORTS = {"graph.api", "graph.engine", "graph.cli", "graph.aot"}
+GRAPH_IMPORTS = {"graph.api", "graph.engine", "graph.multihost", "graph.cli", "graph.aot"}
 
 
 def _serving_trees() -> dict[str, ast.Module]:
