@@ -186,11 +186,6 @@ class StepProgram:
         self.units = units
         self.segments = len(inputs)
         self.input_shardings = jax.tree.map(lambda a: a.sharding, inputs)
-        # Several processes: XLA:CPU runs each local device's part of an executable on a shared
-        # thread pool, and with the next executable of the chain already queued, parts blocked in
-        # a cross-process collective can hold every thread that the parts they wait for need (a
-        # hang seen after a few dozen steps on 2 cores). One executable at a time avoids it.
-        self.one_at_a_time = jax.process_count() > 1
         if len(units) > 1:  # layered: each group's layer indices, rope kinds and windows, on the device
             G = self.group = group_size(cfg)
             self.groups = [
@@ -209,14 +204,11 @@ class StepProgram:
         n = self.segments
         fronts, layer_, heads = self.units[:n], self.units[n], self.units[n + 1 :]
         top = without_layers(w)
-        wait = jax.block_until_ready if self.one_at_a_time else lambda x: x
-        hs, ropes = zip(
-            *(wait(f(top, i.tokens, i.positions)) for f, i in zip(fronts, inputs, strict=True)), strict=True
-        )
+        hs, ropes = zip(*(f(top, i.tokens, i.positions) for f, i in zip(fronts, inputs, strict=True)), strict=True)
         page_tables = tuple(i.page_table for i in inputs)
         positions = tuple(i.positions for i in inputs)
         bases = tuple(i.base for i in inputs)
         for i, per_layer in enumerate(self.groups):
             lws = w.layers[i * self.group : (i + 1) * self.group]
-            hs, kv = wait(layer_(lws, tuple(hs), kv, *per_layer, page_tables, positions, bases, tuple(ropes)))
-        return kv, tuple(wait(h_(top, h, for_head(i))) for h_, h, i in zip(heads, hs, inputs, strict=True))
+            hs, kv = layer_(lws, tuple(hs), kv, *per_layer, page_tables, positions, bases, tuple(ropes))
+        return kv, tuple(h_(top, h, for_head(i)) for h_, h, i in zip(heads, hs, inputs, strict=True))

@@ -2,6 +2,9 @@
 
     .venv/bin/python scripts/bench_offline.py                      # SmolLM2, batch 16 and batch 1
     .venv/bin/python scripts/bench_offline.py --batch 8 --prompt-len 64 --output-len 64 --skip-hf
+    # on a mesh (here of simulated CPU devices): any EngineConfig field through --set
+    XLA_FLAGS=--xla_force_host_platform_device_count=3 .venv/bin/python scripts/bench_offline.py \
+        --skip-hf --set tensor_parallel=3
 
 Both sides run the same dequantized weights (transformers: float32, eager attention, built from our
 GGUF reader's output as in tests/hf_reference.py) on the same random prompt ids, greedy, with
