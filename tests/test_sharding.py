@@ -46,7 +46,8 @@ ARCHS = {
         layer_types=["sliding_attention", "full_attention"],
     ),
 }
-MESHES = {"llama": [(1, 2), (2, 1), (1, 4), (2, 4)], "qwen3": [(1, 2), (2, 1), (1, 4)], "gemma3": [(1, 2), (2, 2)]}
+# (data, tensor): every shape of the issue across the three, each architecture with tensor and data axes
+MESHES = {"llama": [(1, 4), (2, 4)], "qwen3": [(1, 2), (2, 1)], "gemma3": [(2, 1), (1, 2)]}
 
 
 def tiny(smol_model: LoadedModel, arch: str) -> LoadedModel:
