@@ -51,13 +51,15 @@ def _answers(url: str) -> list[str]:
     import openai
 
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
-    # one of each route and of each response form (each step costs ~1 s here: 8 simulated devices
-    # on 2 cores, gloo collectives over loopback)
+    # each route, streamed and not (a step costs ~1 s here: 8 simulated devices on 2 cores, gloo
+    # collectives over loopback)
     completion = client.completions.create(**COMPLETION).choices[0].text
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**COMPLETION, stream=True))
+    chat = client.chat.completions.create(**CHAT, temperature=0).choices[0].message.content
     chat_streamed = "".join(
         c.choices[0].delta.content or "" for c in client.chat.completions.create(**CHAT, temperature=0, stream=True)
     )
-    return [completion, chat_streamed]
+    return [completion, streamed, chat, chat_streamed]
 
 
 def test_two_processes_answer_as_one_and_stop_together(server, tmp_path):

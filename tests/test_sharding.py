@@ -46,8 +46,12 @@ ARCHS = {
         layer_types=["sliding_attention", "full_attention"],
     ),
 }
-# (data, tensor): every shape of the issue across the three, each architecture with tensor and data axes
-MESHES = {"llama": [(1, 4), (2, 4)], "qwen3": [(1, 2), (2, 1)], "gemma3": [(2, 1), (1, 2)]}
+# (data, tensor): 1x2, 2x1 and 1x4 for every architecture, and 2x4 for Llama (8 KV heads)
+MESHES = {
+    "llama": [(1, 2), (2, 1), (1, 4), (2, 4)],
+    "qwen3": [(1, 2), (2, 1), (1, 4)],
+    "gemma3": [(1, 2), (2, 1), (1, 4)],
+}
 
 
 def tiny(smol_model: LoadedModel, arch: str) -> LoadedModel:
