@@ -117,8 +117,9 @@ def test_int8_artifact_starts_with_zero_compilations(artifact, tmp_path, smol_mo
 
 def test_manifest_describes_the_artifact(artifact):
     manifest = json.loads((artifact / "manifest.json").read_text())
-    for key in ("jax", "jaxlib", "backend", "device_kind", "device_count", "model_fingerprint", "dtype", "buckets"):
+    for key in ("jax", "jaxlib", "backend", "mesh", "model_fingerprint", "dtype", "buckets"):
         assert key in manifest
+    assert manifest["mesh"] == {"axes": {"data": 1, "model": 1}, "device_kind": "cpu", "devices": 1, "processes": 1}
     assert manifest["layer_loop"] == "layered"  # the CPU default: front, layers (per group), head
     assert manifest["memory"]["layers_b2_t1_p8"]["temp_size_in_bytes"] > 0
 
