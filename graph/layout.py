@@ -54,13 +54,17 @@ def device_weights(params: dict[str, Any], cfg: ModelConfig, config: EngineConfi
 
 def abstract_device_weights(cfg: ModelConfig, dtype: str, config: EngineConfig) -> Weights:
     """The compute-form weights as ShapeDtypeStructs carrying their shardings on the mesh."""
-    abstract = abstract_weights(cfg, DTYPES[dtype], **weight_options(config))
-    return sharding.attach(abstract, weight_shardings(cfg, dtype, config))
+    return sharding.attach(*_placed(cfg, dtype, config))
 
 
 def weight_shardings(cfg: ModelConfig, dtype: str, config: EngineConfig) -> Weights:
+    return _placed(cfg, dtype, config)[1]
+
+
+def _placed(cfg: ModelConfig, dtype: str, config: EngineConfig) -> tuple[Weights, Weights]:
+    """(the compute-form weights' ShapeDtypeStructs, their NamedShardings on the mesh)."""
     abstract = abstract_weights(cfg, DTYPES[dtype], **weight_options(config))
-    return sharding.tree_shardings(mesh_of(config), abstract, compute_axes(abstract))
+    return abstract, sharding.tree_shardings(mesh_of(config), abstract, compute_axes(abstract))
 
 
 def weight_bytes(weights: Any) -> int:
@@ -69,5 +73,4 @@ def weight_bytes(weights: Any) -> int:
 
 def weight_bytes_per_device(cfg: ModelConfig, dtype: str, config: EngineConfig) -> int:
     """What one device of the mesh holds of the compute-form weights."""
-    abstract = abstract_weights(cfg, DTYPES[dtype], **weight_options(config))
-    return sharding.per_device_bytes(abstract, weight_shardings(cfg, dtype, config))
+    return sharding.per_device_bytes(*_placed(cfg, dtype, config))

@@ -117,16 +117,6 @@ def batch_leading(mesh: Mesh, shape: tuple[int, ...]) -> NamedSharding:
     return named(mesh, ("batch",) + (None,) * (len(shape) - 1), shape)
 
 
-def with_sharding(mesh: Mesh, abstract: Any, sharding_of: Any) -> Any:
-    """ShapeDtypeStructs carrying a sharding (what `jit(...).lower` takes as the argument's
-    sharding), from `sharding_of(shape)`."""
-
-    def one(a):
-        return None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding_of(a.shape))
-
-    return jax.tree.map(one, abstract)
-
-
 def attach(abstract: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
