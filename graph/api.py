@@ -64,6 +64,7 @@ class EngineConfig:
     max_prefill_tokens: int = 512  # largest prefill chunk bucket; longer prompts are chunked
     max_num_batched_tokens: int | None = None  # tokens per step: batch + prompt chunk (none: chunks of 64; 0: off)
     enable_prefix_caching: bool = True  # reuse the KV pages of prompt prefixes seen before (LRU-evicted)
+    pipeline: bool = True  # dispatch each step before reading the last one's tokens (one step of look-ahead)
     min_prefill_tokens: int = 16  # smallest prefill bucket
     # smallest context bucket (page-table width); None: one bucket, the whole context. Attention
     # loops over only the keys a step can see, so narrower tables save little on CPU

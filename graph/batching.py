@@ -22,7 +22,7 @@ Suppressed = Callable[[Sequence], tuple[int, ...]]
 Masks = Callable[[list[tuple[Any, list[int]] | None]], np.ndarray]
 
 
-def _uses_penalties(seq: Sequence) -> bool:
+def uses_penalties(seq: Sequence) -> bool:
     p = seq.params
     return p.presence_penalty != 0 or p.frequency_penalty != 0 or p.repetition_penalty != 1
 
@@ -37,7 +37,7 @@ def _rows(seqs: list[Sequence], R: int, H: int, rules: tuple[Suppressed, Masks],
     prompt_len = np.zeros(R, np.int32)
     for r, seq in enumerate(seqs):
         prompt_len[r] = len(seq.prompt)
-        if _uses_penalties(seq):
+        if uses_penalties(seq):
             tokens = seq.tokens
             history[r, : len(tokens)] = tokens
     rows = [(s.params, s.seed, suppressed(s)) for s in seqs] + [None] * (R - len(seqs))
@@ -76,7 +76,7 @@ def _prefill(step: Prefill, T: int, W: int, S: int, max_seq_len: int, rules: tup
     history, prompt_len, sampling, mask = _rows(seqs, PACKED_ROWS, max_seq_len, rules, final)
     return StepInputs(
         tokens, positions, base, page_table, last_index, sampling, mask, history, prompt_len, next_tokens,
-        np.bool_(want),
+        np.bool_(want), None,
     )  # fmt: skip
 
 
@@ -84,15 +84,19 @@ def _decode(seqs: list[Sequence], B: int, W: int, max_seq_len: int, rules: tuple
     tokens = np.zeros((B, 1), np.int32)
     positions = np.full((B, 1), -1, np.int32)
     page_table = np.zeros((B, W), np.int32)
+    carry_from = np.full(B, -1, np.int32)
     for b, seq in enumerate(seqs):
-        tokens[b, 0] = seq.output[-1] if seq.output else seq.prompt[-1]  # the one pending token (the last)
+        if seq.unresolved:  # sampled by the step in flight: the device has it
+            carry_from[b] = seq.carried
+        else:
+            tokens[b, 0] = seq.output[-1] if seq.output else seq.prompt[-1]  # the one pending token (the last)
         positions[b, 0] = seq.computed
         pages = seq.pages[:W]
         page_table[b, : len(pages)] = pages
     history, prompt_len, sampling, mask = _rows(seqs, B, max_seq_len, rules)
     return StepInputs(
         tokens, positions, None, page_table, np.arange(B, dtype=np.int32), sampling, mask, history, prompt_len,
-        np.full((B, 1), -1, np.int32), np.bool_(False),
+        np.full((B, 1), -1, np.int32), np.bool_(False), carry_from,
     )  # fmt: skip
 
 

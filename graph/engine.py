@@ -7,9 +7,15 @@ Threads and queues:
   that belongs to the caller's event loop.
 - The step thread drains the inbox and the abort list, asks the `Scheduler` for the next step
   (a prefill chunk, a decode batch, or both in one mixed step), pads it to its bucket (with each
-  constrained row's token mask), runs the compiled executable with the KV pool donated, and turns
-  the sampled tokens into `RequestOutput` deltas (`graph/outputs.py`) which it hands to each
+  constrained row's token mask), dispatches the compiled executable with the KV pool donated, and
+  turns the sampled tokens into `RequestOutput` deltas (`graph/outputs.py`) which it hands to each
   request's queue with `loop.call_soon_threadsafe`.
+- Look-ahead (`pipeline`, on by default): the step thread dispatches step n+1 before it reads
+  step n, so the device never waits for the host's reading, detokenizing and scheduling. The
+  tokens step n samples stay on the device (`State.sampled`) and step n+1 feeds them from there.
+  A sequence that step n finishes (end token, stop string, max_tokens) is still in step n+1; its
+  extra token is never read or shown, and it is not in step n+2. Steps whose rows need the host
+  to see every token first (a grammar's mask, penalties over the history) are not looked past.
 - Closing a stream early (client gone) aborts its request: the step thread removes it and frees
   its pages before it schedules its next step, so a request aborted while it waits never runs.
 
@@ -38,6 +44,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 from graph import compile_cache, multihost
 from graph.api import (
@@ -51,7 +58,7 @@ from graph.api import (
     RequestTooLargeError,
     SamplingParams,
 )
-from graph.batching import build_step
+from graph.batching import build_step, uses_penalties
 from graph.buckets import Buckets
 from graph.checkpoint import check_weights, load_weights
 from graph.executables import ExecutableTable
@@ -59,14 +66,32 @@ from graph.kv_cache import PageAllocator, kv_bytes_per_page, plan_num_pages
 from graph.layout import check_mesh
 from graph.outputs import OutputProcessor
 from graph.sampling import MAX_LOGIT_BIAS, MAX_SUPPRESS
-from graph.scheduler import Decode, Mixed, Prefill, Scheduler, Sequence
+from graph.scheduler import Decode, Mixed, Prefill, Scheduler, Sequence, parts
 from graph.shedding import Queue, WaitEstimator
-from graph.step import PACKED_ROWS
+from graph.step import PACKED_ROWS, carry_offset
 from graph.structured import Grammars
 from models.loader import LoadedModel
 from models.tokenizer import Tokenizer
 
 log = logging.getLogger("graph.engine")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Flight:
+    """A dispatched step: its decision, split into its decode and prefill parts, and its outputs
+    (device arrays, not read yet)."""
+
+    decision: Prefill | Decode | Mixed
+    decode: Decode | None
+    prefill: Prefill | None
+    outs: Any
+    started: float
+
+
+class _StepFailed(Exception):
+    def __init__(self, seqs: list[Sequence], error: Exception):
+        super().__init__(str(error))
+        self.seqs, self.error = list(seqs), error
 
 
 class RequestStream:
@@ -132,7 +157,8 @@ class Engine:
         self.grammars = Grammars(model.tokenizer, model.cfg.vocab_size, self.outputs.eos_ids)
         self.mask_seconds = 0.0  # host time spent computing grammar masks (all steps)
         self.params = load_weights(model, config)
-        self.kv = self._init_kv()
+        self.state = self._init_state()  # the KV pool and the last step's samples (graph/step.py State)
+        self._inflight: _Flight | None = None  # a step dispatched and not read yet
         self._lock = threading.Condition()
         self._inbox: list[tuple[Sequence, RequestStream]] = []
         self._aborts: list[str] = []
@@ -334,7 +360,7 @@ class Engine:
             self.channel.publish("stop")
             self.channel = None
         atexit.unregister(self.shutdown)
-        self.kv = None  # the pool's memory goes back now, not when the engine is collected
+        self.state = None  # the pool's memory goes back now, not when the engine is collected
 
     # ---- the step thread ----
 
@@ -344,21 +370,56 @@ class Engine:
             try:
                 with self._lock:
                     while not (
-                        self._stop or self._inbox or self._aborts or self._reset_cache or self.scheduler.num_unfinished
+                        self._stop
+                        or self._inbox
+                        or self._aborts
+                        or self._reset_cache
+                        or self.scheduler.num_unfinished
+                        or self._inflight
                     ):
                         self._lock.wait()
                     if self._stop:
                         break
                     self._intake()
-                    decision = self.scheduler.schedule()  # with the lock: no abort slips in before it
+                    if self._inflight is None or self._may_look_ahead(self._inflight):
+                        # with the lock: no abort slips in before it
+                        decision = self.scheduler.schedule(look_ahead=self._inflight is not None)
                     self._queue = self._ahead()
-                if decision is not None:
-                    self._step(decision)
+                self._run(decision)
                 self._queue = self._ahead()
+            except _StepFailed as e:
+                if not self._recover(e.seqs, e.error):
+                    break
             except Exception as e:
-                if not self._recover(decision, e):
+                if not self._recover(list(self._seqs.values()), e, scheduling=True):
                     break
         self._end_all()
+
+    def _may_look_ahead(self, flight: _Flight) -> bool:
+        """Whether the next step may be dispatched before `flight` is read: not if a row's next
+        input needs its token on the host first (a grammar's mask, penalties over the history)."""
+        return self.config.pipeline and not any(
+            seq.grammar is not None or uses_penalties(seq) for seq in flight.decision.seqs
+        )
+
+    def _run(self, decision: Prefill | Decode | Mixed | None) -> None:
+        """Dispatch `decision` (if any), then read the step that was in flight before it (if any)."""
+        previous, self._inflight = self._inflight, None
+        failed = None
+        if decision is not None:
+            try:
+                self._inflight = self._dispatch(decision)
+            except Exception as e:  # the step in flight ran on the pool before it: its tokens stand
+                failed = _StepFailed(decision.seqs, e)
+        if previous is not None:
+            try:
+                self._resolve(previous)
+            except Exception as e:  # the device failed under it: what was dispatched after fails too
+                after = [] if self._inflight is None else self._inflight.decision.seqs
+                self._inflight = None
+                raise _StepFailed([*previous.decision.seqs, *after], e) from e
+        if failed is not None:
+            raise failed
 
     def _intake(self) -> None:
         """Take over new requests, aborts and a prefix-cache reset from the callers (lock held)."""
@@ -374,7 +435,9 @@ class Engine:
             self._finish(request_id, "abort", emit=False)
         self._aborts = []
 
-    def _step(self, decision: Prefill | Decode | Mixed) -> None:
+    def _dispatch(self, decision: Prefill | Decode | Mixed) -> _Flight:
+        """Start a step on the device; its tokens count as computed at once, and each sampled
+        row's token joins its sequence's output unresolved, to be read by `_resolve`."""
         started = time.monotonic()
         self.steps += 1
         for seq in decision.seqs:
@@ -386,21 +449,31 @@ class Engine:
         self.step_kinds[key[0]] += 1
         if self.channel is not None:
             self.channel.publish("step", list(key), inputs)
-        kv, outs = self.table.get(key)(self.params, self.kv, inputs)
+        state, outs = self.table.get(key)(self.params, self.state, inputs)
         if self.steps == self.config.debug_fail_step:  # after the pool was donated, as a device error
             raise RuntimeError(f"step {self.steps} failed on purpose (debug_fail_step)")
-        self.kv = kv
-        outs = multihost.fetch(outs)
-        if isinstance(decision, Mixed):
-            self._after_decode(decision.decode, outs[0])
-            self._after_prefill(decision.prefill, outs[1])
-        elif isinstance(decision, Prefill):
-            self._after_prefill(decision, outs[0])
-        else:
-            self._after_decode(decision, outs[0])
-        self.estimator.step(key[0], time.monotonic() - started)
+        self.state = state
+        size = self.state.sampled.shape[0]
+        decode, prefill = parts(decision)
+        for row, seq in enumerate(decode.seqs if decode else ()):
+            self.scheduler.advance(seq, 1)
+            seq.expect(carry_offset("decode", size) + row)
+        for row, chunk in enumerate(prefill.chunks if prefill else ()):
+            self.scheduler.advance(chunk.seq, chunk.length)
+            if chunk.final and chunk.seq.params.max_tokens:
+                chunk.seq.expect(carry_offset("prefill", size) + row)
+        return _Flight(decision, decode, prefill, outs, started)
 
-    def _init_kv(self):
+    def _resolve(self, flight: _Flight) -> None:
+        """Read a dispatched step's tokens and hand out its deltas."""
+        outs = list(multihost.fetch(flight.outs))
+        if flight.decode is not None:
+            self._after_decode(flight.decode, outs.pop(0))
+        if flight.prefill is not None:
+            self._after_prefill(flight.prefill, outs.pop(0))
+        self.estimator.step(type(flight.decision).__name__.lower(), time.monotonic() - flight.started)
+
+    def _init_state(self):
         if self.channel is not None:
             self.channel.publish("init_kv")
         return self.table.init_kv()
@@ -412,12 +485,12 @@ class Engine:
         finally:
             self.mask_seconds += time.perf_counter() - started
 
-    def _recover(self, decision: Prefill | Decode | Mixed | None, error: Exception) -> bool:
+    def _recover(self, failed: list[Sequence], error: Exception, scheduling: bool = False) -> bool:
         """After a failed step: end its requests with an error, requeue the running ones, drop
         the prefix cache and rebuild the pool. -> False if that failed too (the engine is broken)."""
-        failed = list(decision.seqs) if decision is not None else list(self._seqs.values())
+        self._inflight = None
         others = [s for s in self.scheduler.running if s not in failed]
-        what = f"step {self.steps}" if decision is not None else "scheduling a step"
+        what = "scheduling a step" if scheduling else f"step {self.steps}"
         log.error(
             "%s failed: %d requests end with an error, %d running ones start over on a new KV pool",
             what,
@@ -428,8 +501,8 @@ class Engine:
         try:  # the new pool first: a client that sees its error sees the engine's state after it
             if self.channel is not None:  # a process may be gone: the processes cannot agree on a new pool
                 raise RuntimeError("a step failed on a mesh of several processes")
-            self.kv = None  # the old pool's memory goes back before the new one is made
-            self.kv = self._init_kv()
+            self.state = None  # the old pool's memory goes back before the new one is made
+            self.state = self._init_state()
         except Exception as e:
             log.exception("the engine could not recover from a failed step")
             self._broken = f"the engine could not recover from a failed step ({type(e).__name__}: {e})"
@@ -463,21 +536,26 @@ class Engine:
         for request_id in list(self._seqs):
             self._finish(request_id, reason, error=error)
 
+    def _live(self, seq: Sequence) -> bool:
+        """Still running: not finished or aborted while its step was in flight."""
+        return self._seqs.get(seq.request_id) is seq
+
     def _after_prefill(self, step: Prefill, out) -> None:
         at = 0
         for row, chunk in enumerate(step.chunks):
-            self.outputs.prompt_logprobs(chunk.seq, chunk, out.prompt, at)
-            self.scheduler.advance(chunk.seq, chunk.length)
+            if self._live(chunk.seq):
+                self.outputs.prompt_logprobs(chunk.seq, chunk, out.prompt, at)
+                if chunk.final:  # else more chunks to go
+                    self._emit(chunk.seq, self.outputs.accept(chunk.seq, out.sample, row))
             at += chunk.length
-            if chunk.final:  # else more chunks to go
-                self._emit(chunk.seq, self.outputs.accept(chunk.seq, out.sample, row))
 
     def _after_decode(self, step: Decode, out) -> None:
         for row, seq in enumerate(step.seqs):
-            self.scheduler.advance(seq, 1)
-            self._emit(seq, self.outputs.accept(seq, out.sample, row))
+            if self._live(seq):
+                self._emit(seq, self.outputs.accept(seq, out.sample, row))
 
     def _emit(self, seq: Sequence, delta: RequestOutput) -> None:
+        self.scheduler.offer(seq)  # its newly known token may complete a page
         stream = self._streams.get(seq.request_id)
         delta.queue_wait = self._queue_waits.pop(seq.request_id, None)
         if delta.finish_reason is not None:

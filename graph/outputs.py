@@ -65,12 +65,13 @@ class OutputProcessor:
                 )  # fmt: skip
 
     def accept(self, seq: Sequence, sample, row: int) -> RequestOutput:
-        """Append the token sampled for `row` and return the request's delta."""
+        """Resolve the sequence's oldest unresolved token as the one sampled for `row` and return
+        the request's delta; a finish drops the tokens sampled after it (steps in flight)."""
         p, state = seq.params, self._state(seq)
         if p.max_tokens == 0:  # echo-only scoring: nothing is generated
             return self._delta(seq, state, "", [], None, "length")
         token = int(sample.token[row])
-        seq.output.append(token)
+        known = seq.resolve(token)
         logprobs = None
         if p.logprobs is not None:
             logprobs = [_logprob(token, sample.logprob[row], sample.top_ids[row], sample.top_logprobs[row], p.logprobs)]
@@ -81,9 +82,11 @@ class OutputProcessor:
             text, stopped = state.stop.feed(state.detok.feed(token))
             finish = "stop" if stopped else None
             if finish is None and seq.grammar is not None:  # its mask let only allowed tokens through
-                finish, error = seq.grammar.accept(seq.output)
-        if finish is None and (len(seq.output) >= p.max_tokens or seq.length >= self.max_seq_len):
+                finish, error = seq.grammar.accept(seq.output[:known])
+        if finish is None and (known >= p.max_tokens or len(seq.prompt) + known >= self.max_seq_len):
             finish = "length"
+        if finish is not None:
+            seq.forget_unresolved()
         if finish is not None and not state.stop.stopped:
             tail, stopped = state.stop.feed(state.detok.flush())
             text += tail + ("" if stopped else state.stop.flush())
@@ -100,7 +103,7 @@ class OutputProcessor:
             finish_reason=finish,
             prompt_tokens=len(seq.prompt),
             cached_tokens=seq.cached,
-            completion_tokens=len(seq.output),
+            completion_tokens=len(seq.output) - seq.unresolved,
         )
         if not state.first_sent:
             state.first_sent = True

@@ -29,8 +29,9 @@ from jax.sharding import Mesh
 
 from graph import sharding
 from graph.api import EngineConfig
+from graph.buckets import Buckets
 from graph.layout import abstract_device_weights, layer_loop, mesh_of
-from graph.step import Key, StepInputs, abstract_inputs, front, head, init_kv, layers, step
+from graph.step import Key, State, StepInputs, abstract_inputs, carry_size, front, head, init_state, layers, step
 from models import transformer
 from models.config import ModelConfig
 from models.layers import KVCache, kv_shape
@@ -71,7 +72,7 @@ def group_size(cfg: ModelConfig) -> int:
 def for_head(inputs: StepInputs) -> StepInputs:
     """The head's inputs: without the page table, whose width (the context bucket) it does not use,
     so one head serves every context bucket (nor the bases, which only the layers use)."""
-    return inputs._replace(page_table=None, base=None)
+    return inputs._replace(page_table=None, base=None, carry_from=None)
 
 
 def without_layers(w: Weights) -> Weights:
@@ -86,11 +87,12 @@ def lowerings(
     mesh = mesh_of(config)
     rep, batch = sharding.replicated(mesh), functools.partial(sharding.batch_leading, mesh)
     shape = kv_shape(cfg, num_pages, config.page_size)
-    pool = KVCache(*(sharding.kv(mesh, shape),) * 2)
-    kv = sharding.attach(jax.eval_shape(functools.partial(init_kv, shape, jdtype)), pool)
+    new_state = functools.partial(init_state, shape, jdtype, carry_size(Buckets.from_config(config).decode_batch[-1]))
+    placed = State(KVCache(*(sharding.kv(mesh, shape),) * 2), rep)
+    state = sharding.attach(jax.eval_shape(new_state), placed)
     names = unit_names(key, layer_loop(config))
     if key == INIT_KV:
-        return {names[0]: lambda: jax.jit(functools.partial(init_kv, shape, jdtype), out_shardings=pool).lower()}
+        return {names[0]: lambda: jax.jit(new_state, out_shardings=placed).lower()}
     weights = abstract_device_weights(cfg, dtype, config)
     segs = segments_of(key)
     inputs = sharded_inputs(cfg, config, key, max_seq_len)
@@ -106,8 +108,8 @@ def lowerings(
 
     if len(names) == 1:
         fn = functools.partial(step, cfg=cfg, prefill=prefill)
-        jitted = jax.jit(fn, donate_argnums=(1,), out_shardings=(pool, rep))
-        return {names[0]: precise(lambda: jitted.lower(weights, kv, inputs))}
+        jitted = jax.jit(fn, donate_argnums=(1,), out_shardings=(placed, rep))
+        return {names[0]: precise(lambda: jitted.lower(weights, state, inputs))}
     n = len(segs)
 
     def activations(shape, dtype):
@@ -127,17 +129,17 @@ def lowerings(
         out[name] = precise(
             lambda inp=inp, h=h, rope=rope: jax.jit(
                 functools.partial(front, cfg=cfg), out_shardings=(h.sharding, jax.tree.map(lambda r: r.sharding, rope))
-            ).lower(top, inp.tokens, inp.positions)
+            ).lower(top, inp.tokens, inp.positions, state.sampled, inp.carry_from)
         )
     out[names[n]] = precise(
         lambda: jax.jit(
             functools.partial(layers, cfg=cfg),
             donate_argnums=(2,),
-            out_shardings=(tuple(h.sharding for h in hs), pool),
+            out_shardings=(tuple(h.sharding for h in hs), placed.kv),
         ).lower(
             weights.layers[:G],
             hs,
-            kv,
+            state.kv,
             *per_layer,
             per_layer[0],
             tuple(i.page_table for i in inputs),
@@ -149,7 +151,7 @@ def lowerings(
     for name, h, inp, p in zip(names[n + 1 :], hs, inputs, prefill, strict=True):
         out[name] = precise(
             lambda h=h, inp=inp, p=p: jax.jit(functools.partial(head, cfg=cfg, prefill=p), out_shardings=rep).lower(
-                top, h, for_head(inp)
+                top, h, for_head(inp), state.sampled
             )
         )
     return out
@@ -157,7 +159,7 @@ def lowerings(
 
 # step inputs whose first dimension is the batch (split over "data"); the rest are per sampled
 # row or scalars, replicated
-_BATCH_INPUTS = ("tokens", "positions", "base", "page_table", "next_tokens")
+_BATCH_INPUTS = ("tokens", "positions", "base", "page_table", "next_tokens", "carry_from")
 
 
 def sharded_inputs(cfg: ModelConfig, config: EngineConfig, key: Key, max_seq_len: int) -> tuple[StepInputs, ...]:
@@ -179,7 +181,7 @@ def input_shardings(mesh: Mesh, inputs: StepInputs) -> StepInputs:
 
 
 class StepProgram:
-    """The callable of one bucket: `(weights, kv, per-segment inputs) -> (kv, per-segment StepOutputs)`.
+    """The callable of one bucket: `(weights, state, per-segment inputs) -> (state, per-segment StepOutputs)`.
     `inputs` are the abstract inputs of its segments, carrying their shardings."""
 
     def __init__(self, cfg: ModelConfig, units: list[Any], inputs: tuple[StepInputs, ...], mesh: Mesh):
@@ -197,18 +199,26 @@ class StepProgram:
                 for i in range(0, cfg.num_layers, G)
             ]  # fmt: skip
 
-    def __call__(self, w: Weights, kv: KVCache, inputs: tuple[StepInputs, ...]):
+    def __call__(self, w: Weights, state: State, inputs: tuple[StepInputs, ...]):
         inputs = jax.device_put(inputs, self.input_shardings)  # once, not once per layer
         if len(self.units) == 1:
-            return self.units[0](w, kv, inputs)
+            return self.units[0](w, state, inputs)
         n = self.segments
         fronts, layer_, heads = self.units[:n], self.units[n], self.units[n + 1 :]
         top = without_layers(w)
-        hs, ropes = zip(*(f(top, i.tokens, i.positions) for f, i in zip(fronts, inputs, strict=True)), strict=True)
+        hs, ropes = zip(
+            *(f(top, i.tokens, i.positions, state.sampled, i.carry_from) for f, i in zip(fronts, inputs, strict=True)),
+            strict=True,
+        )
         page_tables = tuple(i.page_table for i in inputs)
         positions = tuple(i.positions for i in inputs)
         bases = tuple(i.base for i in inputs)
+        kv = state.kv
         for i, per_layer in enumerate(self.groups):
             lws = w.layers[i * self.group : (i + 1) * self.group]
             hs, kv = layer_(lws, tuple(hs), kv, *per_layer, page_tables, positions, bases, tuple(ropes))
-        return kv, tuple(h_(top, h, for_head(i)) for h_, h, i in zip(heads, hs, inputs, strict=True))
+        sampled, outs = state.sampled, []
+        for h_, h, i in zip(heads, hs, inputs, strict=True):
+            out, sampled = h_(top, h, for_head(i), sampled)
+            outs.append(out)
+        return State(kv, sampled), tuple(outs)

@@ -27,6 +27,14 @@ are in the cache; the tokens after it are "pending". A step feeds pending tokens
 token that follows the last one: a prefill feeds a chunk of many, a decode feeds exactly one.
 A preempted sequence loses its pages and its cache (`computed = 0`) but keeps its output: when it
 is admitted again, prompt + output so far are prefilled and it continues where it was.
+
+Look-ahead (the engine dispatches step n+1 before it reads step n): when a step is dispatched, its
+tokens count as computed and each sampled row's token joins the output as an unresolved
+placeholder, which the next step feeds from the device; the engine fills it in when it reads the
+step. While a step is in flight, `schedule(look_ahead=True)` never preempts (a sequence with an
+unresolved token cannot be prefilled again): where a preemption is due it returns None, and the
+engine reads the step in flight and schedules again; it skips sequences whose unresolved token is
+their last (max_tokens). Pages are offered to the prefix cache once every token in them is known.
 """
 
 from __future__ import annotations
@@ -63,6 +71,29 @@ class Sequence:
     hashes: list[bytes] = dataclasses.field(default_factory=list)  # of its full pages, chained
     state: Any = None  # the output processor's per-request state (detokenizer, stop matcher)
     grammar: Any = None  # a constrained request's matcher (graph/structured.py), kept across preemption
+    unresolved: int = 0  # trailing output tokens sampled by steps in flight, not read yet (placeholders)
+    carried: int = -1  # where the last dispatched step keeps the newest of them on the device
+    offered: int = 0  # leading pages offered to the prefix cache
+
+    PLACEHOLDER = -1
+
+    def expect(self, carried: int) -> None:
+        """A dispatched step samples this sequence's next token (kept on the device at `carried`)."""
+        self.output.append(self.PLACEHOLDER)
+        self.unresolved += 1
+        self.carried = carried
+
+    def resolve(self, token: int) -> int:
+        """The oldest unresolved token is `token`. -> how many output tokens are known now."""
+        at = len(self.output) - self.unresolved
+        self.output[at] = token
+        self.unresolved -= 1
+        return at + 1
+
+    def forget_unresolved(self) -> None:
+        """Drop the placeholders of steps whose results will not be read (finished, preempted)."""
+        del self.output[len(self.output) - self.unresolved :]
+        self.unresolved = 0
 
     @property
     def tokens(self) -> list[int]:
@@ -81,11 +112,13 @@ class Sequence:
 class Chunk:
     seq: Sequence
     start: int  # first position fed
-    length: int  # tokens fed; the chunk is final when start + length == seq.length
+    length: int  # tokens fed
+    # the last of the sequence's pending tokens (its logits give the next token); fixed when the
+    # chunk is made, as the sequence grows once its step is dispatched
+    final: bool = dataclasses.field(init=False)
 
-    @property
-    def final(self) -> bool:
-        return self.start + self.length == self.seq.length
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "final", self.start + self.length == self.seq.length)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +151,13 @@ class Mixed:
     @property
     def seqs(self) -> list[Sequence]:
         return self.decode.seqs + self.prefill.seqs
+
+
+def parts(step: Prefill | Decode | Mixed) -> tuple[Decode | None, Prefill | None]:
+    """A step's decode batch and prefill chunk, in the order of its segments (either may be None)."""
+    if isinstance(step, Mixed):
+        return step.decode, step.prefill
+    return (step, None) if isinstance(step, Decode) else (None, step)
 
 
 class Scheduler:
@@ -168,6 +208,7 @@ class Scheduler:
         # last page first: the cache evicts the oldest first, so a prefix outlives its tail
         self.allocator.free(seq.pages[::-1])
         seq.pages = []
+        seq.offered = 0
 
     def _hashes(self, seq: Sequence, n: int) -> list[bytes]:
         extend_hashes(seq.hashes, seq.tokens, self.page_size, self.salt, n)
@@ -181,6 +222,7 @@ class Scheduler:
             if self.allocator.caching and not seq.pages and seq.params.prompt_logprobs is None:
                 seq.pages = self.allocator.lookup(self._hashes(seq, (seq.length - 1) // self.page_size))
                 seq.computed = len(seq.pages) * self.page_size
+                seq.offered = len(seq.pages)
             need = self.pages_for(seq.length) - len(seq.pages)
             if need > self.allocator.num_free:
                 self._free(seq)  # the cached pages stay cached
@@ -208,6 +250,7 @@ class Scheduler:
             self._preempt(seq)
 
     def _preempt(self, victim: Sequence) -> None:
+        victim.forget_unresolved()
         self.running.remove(victim)
         self._free(victim)
         victim.computed = 0
@@ -229,12 +272,16 @@ class Scheduler:
                 ready.append(seq)
         return ready
 
-    def schedule(self) -> Prefill | Decode | Mixed | None:
+    def schedule(self, look_ahead: bool = False) -> Prefill | Decode | Mixed | None:
         """The next step: the running batch's decode tokens together with a chunk of the oldest
-        prompt still being prefilled (or, without mixed steps, the two in turn)."""
+        prompt still being prefilled (or, without mixed steps, the two in turn). `look_ahead`: a
+        step is still in flight (see the module's docstring): None where the step would preempt."""
         self._admit()
         prefilling = [s for s in self.running if s.pending > 1]
-        decoding = [s for s in self.running if s.pending == 1]
+        decoding = [s for s in self.running if s.pending == 1 and len(s.output) < s.params.max_tokens]
+        short = sum(self.pages_for(s.computed + 1) > len(s.pages) for s in decoding)
+        if look_ahead and short > self.allocator.num_free:
+            return None  # a preemption is due: decided once the step in flight is read
         if not self.mixed_tokens:
             if prefilling and not (decoding and self._last_was_prefill):
                 self._last_was_prefill = True
@@ -294,15 +341,19 @@ class Scheduler:
         return pages if self.max_pages is None else min(pages, self.max_pages)
 
     def advance(self, seq: Sequence, fed: int) -> None:
-        """`fed` more tokens of `seq` now have K/V in the cache; pages that this fills are
-        offered to the prefix cache."""
-        before = seq.computed // self.page_size
+        """`fed` more tokens of `seq` now have K/V in the cache (or will, once the step in flight
+        has run); pages that this fills are offered to the prefix cache."""
         seq.computed += fed
-        full = seq.computed // self.page_size
-        if full > before and self.allocator.caching:
+        self.offer(seq)
+
+    def offer(self, seq: Sequence) -> None:
+        """Offer the prefix cache every page of `seq` that is full of computed, known tokens."""
+        full = min(seq.computed, seq.length - seq.unresolved) // self.page_size
+        if full > seq.offered and self.allocator.caching:
             hashes = self._hashes(seq, full)
-            for i in range(before, full):
+            for i in range(seq.offered, full):
                 self.allocator.register(seq.pages[i], hashes[i])
+        seq.offered = max(seq.offered, full)
 
     @property
     def num_unfinished(self) -> int:

@@ -41,6 +41,39 @@ class StepInputs(NamedTuple):
     prompt_len: jax.Array  # i32 [R]
     next_tokens: jax.Array  # i32 [B, T]: the token after each position (prompt logprobs), -1 none
     want_prompt_logprobs: jax.Array  # bool []
+    carry_from: jax.Array | None  # i32 [B] (decode): row b's token is `State.sampled[carry_from[b]]`, -1: tokens[b]
+
+
+class State(NamedTuple):
+    """What stays on the device from step to step: the KV page pool, and the tokens the last step
+    sampled (`sampled`, [carry_size]: a decode segment's rows from 0, a prefill chunk's in the last
+    PACKED_ROWS), which the next step can feed without their coming back to the host first (the
+    engine's look-ahead: it dispatches step n+1 before it reads step n)."""
+
+    kv: KVCache
+    sampled: jax.Array  # i32 [carry_size]
+
+
+def carry_size(max_decode_batch: int) -> int:
+    return max_decode_batch + PACKED_ROWS
+
+
+def carry_offset(phase: str, size: int) -> int:
+    """Where a segment's sampled rows go in `State.sampled`."""
+    return size - PACKED_ROWS if phase == "prefill" else 0
+
+
+def fed_tokens(tokens: jax.Array, sampled: jax.Array, carry_from: jax.Array | None) -> jax.Array:
+    """A segment's tokens [B, T], its decode rows' taken from the last step's samples where asked."""
+    if carry_from is None:
+        return tokens
+    carried = sampled[jnp.maximum(carry_from, 0)]
+    return jnp.where((carry_from >= 0)[:, None], carried[:, None], tokens)
+
+
+def keep_sampled(sampled: jax.Array, out: StepOutputs, phase: str) -> jax.Array:
+    at = carry_offset(phase, sampled.shape[0])
+    return jax.lax.dynamic_update_slice(sampled, out.sample.token.astype(jnp.int32), (at,))
 
 
 def rows_of(phase: str, batch: int) -> int:
@@ -81,6 +114,7 @@ def abstract_inputs(key: Key, max_seq_len: int, vocab_size: int) -> StepInputs:
         prompt_len=a((R,)),
         next_tokens=a((B, T)),
         want_prompt_logprobs=a((), jnp.bool_),
+        carry_from=a((B,)) if phase == "decode" else None,
     )
 
 
@@ -137,19 +171,23 @@ def back(w: Weights, h: jax.Array, inp: StepInputs, *, cfg: ModelConfig, prefill
     return StepOutputs(out, prompt)
 
 
-def step(w: Weights, kv: KVCache, inps: tuple[StepInputs, ...], *, cfg: ModelConfig, prefill: tuple[bool, ...]):
+def step(w: Weights, state: State, inps: tuple[StepInputs, ...], *, cfg: ModelConfig, prefill: tuple[bool, ...]):
     """The whole step in one executable, over one segment or several (a mixed step: the decode
-    rows, then a prefill chunk): -> (kv, per-segment StepOutputs)."""
+    rows, then a prefill chunk): -> (state, per-segment StepOutputs)."""
     hs, kv = transformer.hidden(
         w,
         cfg,
-        tuple(i.tokens for i in inps),
+        tuple(fed_tokens(i.tokens, state.sampled, i.carry_from) for i in inps),
         tuple(i.positions for i in inps),
-        kv,
+        state.kv,
         tuple(i.page_table for i in inps),
         tuple(i.base for i in inps),
     )
-    return kv, tuple(back(w, h, i, cfg=cfg, prefill=p) for h, i, p in zip(hs, inps, prefill, strict=True))
+    outs = tuple(back(w, h, i, cfg=cfg, prefill=p) for h, i, p in zip(hs, inps, prefill, strict=True))
+    sampled = state.sampled
+    for out, p in zip(outs, prefill, strict=True):
+        sampled = keep_sampled(sampled, out, "prefill" if p else "decode")
+    return State(kv, sampled), outs
 
 
 # The same step as a chain of executables (`layer_loop="layered"`): front per segment, then `layers`
@@ -157,9 +195,9 @@ def step(w: Weights, kv: KVCache, inps: tuple[StepInputs, ...], *, cfg: ModelCon
 # head per segment.
 
 
-def front(w: Weights, tokens: jax.Array, positions: jax.Array, *, cfg: ModelConfig):
+def front(w: Weights, tokens: jax.Array, positions: jax.Array, sampled, carry_from, *, cfg: ModelConfig):
     """-> (h [B, T, D], (global rope, local rope))."""
-    return transformer.embed(w, cfg, tokens), transformer.ropes_for(cfg, positions)
+    return transformer.embed(w, cfg, fed_tokens(tokens, sampled, carry_from)), transformer.ropes_for(cfg, positions)
 
 
 def layers(lws, hs, kv: KVCache, index, sliding, window, page_tables, positions, bases, ropes, *, cfg):
@@ -172,10 +210,12 @@ def layers(lws, hs, kv: KVCache, index, sliding, window, page_tables, positions,
     return unflatten(h, segs), kv
 
 
-def head(w: Weights, h: jax.Array, inp: StepInputs, *, cfg: ModelConfig, prefill: bool) -> StepOutputs:
-    return back(w, transformer.final_norm(w, cfg, h), inp, cfg=cfg, prefill=prefill)
+def head(w: Weights, h: jax.Array, inp: StepInputs, sampled, *, cfg: ModelConfig, prefill: bool):
+    """-> (StepOutputs, `sampled` with this segment's tokens)."""
+    out = back(w, transformer.final_norm(w, cfg, h), inp, cfg=cfg, prefill=prefill)
+    return out, keep_sampled(sampled, out, "prefill" if prefill else "decode")
 
 
-def init_kv(shape: tuple[int, ...], dtype) -> KVCache:
+def init_state(shape: tuple[int, ...], dtype, carry: int) -> State:
     """The empty page pool (compiled like every step, so a start from artifacts compiles nothing)."""
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    return State(KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)), jnp.zeros((carry,), jnp.int32))

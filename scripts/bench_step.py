@@ -51,6 +51,7 @@ def segment_inputs(
         sampling=host_arrays([(SamplingParams(temperature=0), 0, ())] * R, R),
         mask=np.full(abstract.mask.shape, 0xFFFFFFFF, np.uint32),
         history=np.full((R, config.max_seq_len), -1, np.int32),
+        carry_from=np.full(B, -1, np.int32) if phase == "decode" else None,
     )
 
 

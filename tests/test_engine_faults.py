@@ -62,8 +62,8 @@ def record_steps(engine: Engine) -> list[tuple[set[str], dict[str, int]]]:
     steps: list[tuple[set[str], dict[str, int]]] = []
     schedule = engine.scheduler.schedule
 
-    def recording():
-        decision = schedule()
+    def recording(**kwargs):
+        decision = schedule(**kwargs)
         if decision is not None:
             running = {s.request_id: len(s.output) for s in engine.scheduler.running}
             steps.append(({s.request_id for s in decision.seqs}, running))

@@ -93,7 +93,7 @@ def test_parameters_and_the_kv_pool_sit_where_the_rules_say(smol_model):
     model = tiny(smol_model, "llama")
     llm = LLM(model, dataclasses.replace(CONFIG, data_parallel=2, tensor_parallel=4))
     try:
-        w, kv = llm.engine.params, llm.engine.kv
+        w, kv = llm.engine.params, llm.engine.state.kv
         layer = w.layers[0]
         mesh = layer.qkv.sharding.mesh
         assert dict(mesh.shape) == {"data": 2, "model": 4}
