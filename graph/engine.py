@@ -173,6 +173,7 @@ class Engine:
         self._queue = Queue()  # what a new request finds ahead of it: the step thread's last view
         self.estimator = WaitEstimator(config.max_batch, self.buckets.prefill_tokens[-1], self.buckets.mixed_tokens)
         self.steps = 0
+        self.looked_ahead = 0  # steps dispatched while the one before was still in flight
         self.step_kinds: collections.Counter[str] = collections.Counter()  # prefill | decode | mixed
         self._thread = threading.Thread(target=self._loop, name="engine-step", daemon=True)
         self._thread.start()
@@ -326,6 +327,7 @@ class Engine:
     def stats(self) -> dict[str, float]:
         return {
             "steps": self.steps,
+            "steps_looked_ahead": self.looked_ahead,
             "grammar_mask_seconds": self.mask_seconds,
             "waiting": len(self.scheduler.waiting) + len(self._inbox),
             "running": len(self.scheduler.running),
@@ -407,6 +409,7 @@ class Engine:
         previous, self._inflight = self._inflight, None
         failed = None
         if decision is not None:
+            self.looked_ahead += previous is not None
             try:
                 self._inflight = self._dispatch(decision)
             except Exception as e:  # the step in flight ran on the pool before it: its tokens stand

@@ -29,6 +29,10 @@ _ENGINE_GAUGES = {
 }
 _ENGINE_COUNTERS = {
     "steps": ("xlaserve_engine_steps", "Engine steps run"),
+    "steps_looked_ahead": (
+        "xlaserve_engine_steps_looked_ahead",
+        "Engine steps dispatched before the step in flight was read (pipelining)",
+    ),
     "grammar_mask_seconds": ("xlaserve_grammar_mask_seconds", "Host time spent on structured-output token masks"),
 }
 
