@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models import kernels
 from models.config import ModelConfig, RopeConfig
 from models.params import LayerWeights, Weights
 from models.quant import linear
@@ -237,10 +238,16 @@ def attention(
     outs = []
     for q, seg in zip(qs, segs, strict=True):
         B, T = seg.positions.shape
-        out = paged_attention(
-            q, kv, layer, seg.page_table, seg.positions,
-            scale=cfg.attn_scale, window=window, softcap=cfg.attn_logit_softcap, base=seg.base,
-        )  # fmt: skip
+        if kernels.decode_kernel_applies(cfg, kv.k, window, seg.positions, seg.base):  # GPU/TPU decode only
+            out = kernels.paged_decode(
+                q, kv.k, kv.v, layer, seg.page_table, seg.positions,
+                scale=cfg.attn_scale, softcap=cfg.attn_logit_softcap,
+            )  # fmt: skip
+        else:
+            out = paged_attention(
+                q, kv, layer, seg.page_table, seg.positions,
+                scale=cfg.attn_scale, window=window, softcap=cfg.attn_logit_softcap, base=seg.base,
+            )  # fmt: skip
         outs.append(out.reshape(B, T, H * Dh))
     out = linear(flatten(tuple(outs)), lw.o)
     if lw.o_bias is not None:
