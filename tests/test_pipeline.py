@@ -69,7 +69,7 @@ def test_pipelined_steps_stream_what_unpipelined_steps_stream(smol_llm, unpipeli
     off = _run(unpipelined, requests)
     assert unpipelined.engine.looked_ahead == 0
     eos = smol_llm.engine.outputs.eos_ids
-    for (ids, params), deltas, reference in zip(requests, on, off, strict=True):
+    for (_, params), deltas, reference in zip(requests, on, off, strict=True):
         assert [d.finish_reason for d in deltas[:-1]] == [None] * (len(deltas) - 1), "a delta after a finish"
         tokens = [t for d in deltas for t in d.token_ids]
         assert tokens == [t for d in reference for t in d.token_ids]
