@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 ARGS ?=
 
-.PHONY: serve test test-fast install lint
+.PHONY: serve test test-nightly test-fast install lint
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ serve: $(STAMP)
 	$(BIN)/python -m serving.main $(ARGS)
 
 test: $(STAMP)
+	$(BIN)/python -m pytest -q -rs --durations=30 -m "not nightly" tests $(ARGS)
+
+test-nightly: $(STAMP)  # every test, the nightly ones too (Gemma 3's quality gates)
 	$(BIN)/python -m pytest -q -rs --durations=30 tests $(ARGS)
 
 test-fast: $(STAMP)  # the fast tier: no real-model compiles, servers or Gemma 3 (tests/conftest.py)

@@ -174,6 +174,8 @@ class Engine:
         self.estimator = WaitEstimator(config.max_batch, self.buckets.prefill_tokens[-1], self.buckets.mixed_tokens)
         self.steps = 0
         self.looked_ahead = 0  # steps dispatched while the one before was still in flight
+        self.host_seconds = 0.0  # the step thread's own work: scheduling aside, building, dispatching, reading
+        self.wait_seconds = 0.0  # the step thread waiting for the device's results
         self.step_kinds: collections.Counter[str] = collections.Counter()  # prefill | decode | mixed
         self._thread = threading.Thread(target=self._loop, name="engine-step", daemon=True)
         self._thread.start()
@@ -328,6 +330,8 @@ class Engine:
         return {
             "steps": self.steps,
             "steps_looked_ahead": self.looked_ahead,
+            "step_host_seconds": self.host_seconds,
+            "step_wait_seconds": self.wait_seconds,
             "grammar_mask_seconds": self.mask_seconds,
             "waiting": len(self.scheduler.waiting) + len(self._inbox),
             "running": len(self.scheduler.running),
@@ -465,16 +469,22 @@ class Engine:
             self.scheduler.advance(chunk.seq, chunk.length)
             if chunk.final and chunk.seq.params.max_tokens:
                 chunk.seq.expect(carry_offset("prefill", size) + row)
+        self.host_seconds += time.monotonic() - started
         return _Flight(decision, decode, prefill, outs, started)
 
     def _resolve(self, flight: _Flight) -> None:
         """Read a dispatched step's tokens and hand out its deltas."""
+        waiting = time.monotonic()
         outs = list(multihost.fetch(flight.outs))
+        read = time.monotonic()
+        self.wait_seconds += read - waiting
         if flight.decode is not None:
             self._after_decode(flight.decode, outs.pop(0))
         if flight.prefill is not None:
             self._after_prefill(flight.prefill, outs.pop(0))
-        self.estimator.step(type(flight.decision).__name__.lower(), time.monotonic() - flight.started)
+        done = time.monotonic()
+        self.host_seconds += done - read
+        self.estimator.step(type(flight.decision).__name__.lower(), done - flight.started)
 
     def _init_state(self):
         if self.channel is not None:

@@ -92,6 +92,26 @@ def run_load(url: str, concurrency: int, requests: int, args: argparse.Namespace
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+COUNTERS = ("xlaserve_engine_steps_total", "xlaserve_engine_step_host_seconds_total",
+            "xlaserve_engine_step_wait_seconds_total", "xlaserve_engine_steps_looked_ahead_total")  # fmt: skip
+
+
+def counters(url: str) -> dict[str, float]:
+    """The engine's step counters from /metrics."""
+    import httpx
+
+    text = httpx.get(url.removesuffix("/v1") + "/metrics", timeout=30).text
+    return {n: float(line.split()[-1]) for line in text.splitlines() for n in COUNTERS if line.startswith(n + " ")}
+
+
+def split(before: dict[str, float], after: dict[str, float]) -> str:
+    """Per step of a run: the step thread's host time and its wait for the device, in ms."""
+    steps = after[COUNTERS[0]] - before[COUNTERS[0]]
+    host, wait, ahead = ((after[n] - before[n]) for n in COUNTERS[1:])
+    return (f"{steps:.0f} steps, host {1000 * host / steps:.1f} ms/step, waiting for the device "
+            f"{1000 * wait / steps:.1f} ms/step, {100 * ahead / steps:.0f}% dispatched ahead")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -120,8 +140,10 @@ def main() -> None:
         results[flags] = {}
         with xlaserve(args.model, shlex.split(flags)) as url:
             for c, n in levels:
+                before = counters(url)
                 results[flags][c] = run_load(url, c, n, args)
                 print("xlaserve", flags, c, json.dumps(results[flags][c]), flush=True)
+                print("xlaserve", flags, c, split(before, counters(url)), flush=True)
     print(f"\n{args.model}: {args.prompt_tokens} words in ({args.shared_prefix_words} shared), {args.max_tokens} out")
     print("| xlaserve flags | concurrency | xlaserve tok/s | llama.cpp tok/s | ratio | xlaserve ITL p50/p99 ms | "
           "llama.cpp ITL p50/p99 ms | xlaserve TTFT p50 ms | llama.cpp TTFT p50 ms |")  # fmt: skip

@@ -33,6 +33,11 @@ _ENGINE_COUNTERS = {
         "xlaserve_engine_steps_looked_ahead",
         "Engine steps dispatched before the step in flight was read (pipelining)",
     ),
+    "step_host_seconds": (
+        "xlaserve_engine_step_host_seconds",
+        "Step thread time spent building, dispatching and reading steps (the host's share of a step)",
+    ),
+    "step_wait_seconds": ("xlaserve_engine_step_wait_seconds", "Step thread time spent waiting for the device"),
     "grammar_mask_seconds": ("xlaserve_grammar_mask_seconds", "Host time spent on structured-output token masks"),
 }
 

@@ -15,7 +15,8 @@ pytestmark = pytest.mark.slow  # 2,000 tokens through the real models on every n
 
 MODELS = [
     pytest.param("smollm2-135m-instruct", id="smollm2"),
-    pytest.param("gemma3-270m", id="gemma3"),
+    # 2.5 minutes of the suite: `make test-nightly` runs it, `make test` (CI) does not
+    pytest.param("gemma3-270m", id="gemma3", marks=pytest.mark.nightly),
 ]
 
 
