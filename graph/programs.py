@@ -31,7 +31,7 @@ from graph import sharding
 from graph.api import EngineConfig
 from graph.buckets import Buckets
 from graph.layout import abstract_device_weights, layer_loop, mesh_of
-from graph.step import Key, State, StepInputs, abstract_inputs, carry_size, front, head, init_state, layers, step
+from graph.step import Key, State, StepInputs, abstract_inputs, carry_size, front, head, init_kv, layers, step
 from models import transformer
 from models.config import ModelConfig
 from models.layers import KVCache, kv_shape
@@ -87,12 +87,15 @@ def lowerings(
     mesh = mesh_of(config)
     rep, batch = sharding.replicated(mesh), functools.partial(sharding.batch_leading, mesh)
     shape = kv_shape(cfg, num_pages, config.page_size)
-    new_state = functools.partial(init_state, shape, jdtype, carry_size(Buckets.from_config(config).decode_batch[-1]))
+    new_kv = functools.partial(init_kv, shape, jdtype)
     placed = State(KVCache(*(sharding.kv(mesh, shape),) * 2), rep)
-    state = sharding.attach(jax.eval_shape(new_state), placed)
+    state = State(
+        sharding.attach(jax.eval_shape(new_kv), placed.kv),
+        jax.ShapeDtypeStruct((carry_size(Buckets.from_config(config).decode_batch[-1]),), jnp.int32, sharding=rep),
+    )
     names = unit_names(key, layer_loop(config))
     if key == INIT_KV:
-        return {names[0]: lambda: jax.jit(new_state, out_shardings=placed).lower()}
+        return {names[0]: lambda: jax.jit(new_kv, out_shardings=placed.kv).lower()}
     weights = abstract_device_weights(cfg, dtype, config)
     segs = segments_of(key)
     inputs = sharded_inputs(cfg, config, key, max_seq_len)

@@ -216,6 +216,8 @@ def head(w: Weights, h: jax.Array, inp: StepInputs, sampled, *, cfg: ModelConfig
     return out, keep_sampled(sampled, out, "prefill" if prefill else "decode")
 
 
-def init_state(shape: tuple[int, ...], dtype, carry: int) -> State:
-    """The empty page pool (compiled like every step, so a start from artifacts compiles nothing)."""
-    return State(KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)), jnp.zeros((carry,), jnp.int32))
+def init_kv(shape: tuple[int, ...], dtype) -> KVCache:
+    """The empty page pool (compiled like every step, so a start from artifacts compiles nothing;
+    `State.sampled` is put on the device from the host: jax 0.10.2's XLA:CPU leaves the kernel of
+    a small broadcast out of a serialized executable)."""
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))

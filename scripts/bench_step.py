@@ -26,9 +26,9 @@ from graph.api import EngineConfig, SamplingParams
 from graph.buckets import Buckets
 from graph.checkpoint import load_weights
 from graph.executables import ExecutableTable
-from graph.programs import segments_of
+from graph.programs import for_head, segments_of, without_layers
 from graph.sampling import host_arrays
-from graph.step import abstract_inputs, rows_of
+from graph.step import State, abstract_inputs, rows_of
 from models.loader import load_model
 
 
@@ -102,6 +102,43 @@ def time_variant(model, variant: str, args) -> None:
         print(
             f"{variant:>14} {phase:>7} batch {B:3d} chunk {T:4d} ctx {W * 16:5d}: {ms:7.1f} ms/step  {rate}", flush=True
         )
+        if args.split and len(compiled.units) > 1:
+            kv = print_split(compiled, weights, kv, inputs, args.steps)
+
+
+def print_split(program, weights, state, inputs, steps: int):
+    """A layered step's time by part (median ms): embedding, the decoder layers (their matmuls
+    and attention), the head (final norm, logits, sampling), each waited for on its own."""
+    n = program.segments
+    fronts, layer_, heads = program.units[:n], program.units[n], program.units[n + 1 :]
+    top = without_layers(weights)
+    parts: dict[str, list[float]] = {"embedding": [], "layers": [], "head": []}
+
+    def timed(name, fn):
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(fn())
+        parts[name].append(1000 * (time.perf_counter() - t0))
+        return out
+
+    for _ in range(steps):
+        fed = [timed("embedding", lambda f=f, i=i, s=state: f(top, i.tokens, i.positions, s.sampled, i.carry_from))
+               for f, i in zip(fronts, inputs, strict=True)]  # fmt: skip
+        hs, ropes = tuple(h for h, _ in fed), tuple(r for _, r in fed)
+        args = (tuple(i.page_table for i in inputs), tuple(i.positions for i in inputs), tuple(i.base for i in inputs))
+
+        def run_layers(hs=hs, kv=state.kv, args=args, ropes=ropes):
+            for g, per_layer in enumerate(program.groups):
+                lws = weights.layers[g * program.group : (g + 1) * program.group]
+                hs, kv = layer_(lws, hs, kv, *per_layer, *args, ropes)
+            return hs, kv
+
+        hs, kv = timed("layers", run_layers)
+        sampled = state.sampled
+        for h_, h, i in zip(heads, hs, inputs, strict=True):
+            _, sampled = timed("head", lambda h_=h_, h=h, i=i, s=sampled: h_(top, h, for_head(i), s))
+        state = State(kv, sampled)
+    print("                 split: " + ", ".join(f"{k} {np.median(v):.1f} ms" for k, v in parts.items()), flush=True)
+    return state
 
 
 def main() -> None:
@@ -115,6 +152,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--width", type=int, default=0, help="page-table width in tokens, at least (a context bucket)")
     parser.add_argument("--chunk", type=int, nargs="*", default=[], help="prefill chunk sizes (and mixed steps)")
+    parser.add_argument("--split", action="store_true", help="also time a layered step's parts one by one")
     args = parser.parse_args()
     model = load_model(args.model, args.dtype)
     for variant in args.variants:
