@@ -64,7 +64,9 @@ class EngineConfig:
     max_prefill_tokens: int = 512  # largest prefill chunk bucket; longer prompts are chunked
     max_num_batched_tokens: int | None = None  # tokens per step: batch + prompt chunk (none: chunks of 64; 0: off)
     enable_prefix_caching: bool = True  # reuse the KV pages of prompt prefixes seen before (LRU-evicted)
-    pipeline: bool = True  # dispatch each step before reading the last one's tokens (one step of look-ahead)
+    # dispatch each step before reading the last one's tokens (one step of look-ahead): auto is on
+    # except on CPU, where the host's share of a step then competes with the step for the cores
+    pipeline: str = "auto"  # auto | on | off
     min_prefill_tokens: int = 16  # smallest prefill bucket
     # smallest context bucket (page-table width); None: one bucket, the whole context. Attention
     # loops over only the keys a step can see, so narrower tables save little on CPU
@@ -91,6 +93,8 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if self.layer_loop not in LAYER_LOOPS:
             raise ValueError(f"layer_loop must be one of {', '.join(LAYER_LOOPS)}, not {self.layer_loop!r}")
+        if self.pipeline not in ("auto", "on", "off"):
+            raise ValueError(f"pipeline must be auto, on or off, not {self.pipeline!r}")
         if self.quantize not in ("none", "int8"):
             raise ValueError(f"quantize must be none or int8, not {self.quantize!r}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 0:

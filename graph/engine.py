@@ -10,7 +10,7 @@ Threads and queues:
   constrained row's token mask), dispatches the compiled executable with the KV pool donated, and
   turns the sampled tokens into `RequestOutput` deltas (`graph/outputs.py`) which it hands to each
   request's queue with `loop.call_soon_threadsafe`.
-- Look-ahead (`pipeline`, on by default): the step thread dispatches step n+1 before it reads
+- Look-ahead (`pipeline`; auto: on except on CPU): the step thread dispatches step n+1 before it reads
   step n, so the device never waits for the host's reading, detokenizing and scheduling. The
   tokens step n samples stay on the device (`State.sampled`) and step n+1 feeds them from there.
   A sequence that step n finishes (end token, stop string, max_tokens) is still in step n+1; its
@@ -63,7 +63,7 @@ from graph.buckets import Buckets
 from graph.checkpoint import check_weights, load_weights
 from graph.executables import ExecutableTable
 from graph.kv_cache import PageAllocator, kv_bytes_per_page, plan_num_pages
-from graph.layout import check_mesh
+from graph.layout import check_mesh, pipelined
 from graph.outputs import OutputProcessor
 from graph.sampling import MAX_LOGIT_BIAS, MAX_SUPPRESS
 from graph.scheduler import Decode, Mixed, Prefill, Scheduler, Sequence, parts
@@ -156,6 +156,7 @@ class Engine:
         self.outputs = OutputProcessor(model.tokenizer, model.cfg, config.max_seq_len)
         self.grammars = Grammars(model.tokenizer, model.cfg.vocab_size, self.outputs.eos_ids)
         self.mask_seconds = 0.0  # host time spent computing grammar masks (all steps)
+        self.pipelined = pipelined(config)
         self.params = load_weights(model, config)
         self.state = self._init_state()  # the KV pool and the last step's samples (graph/step.py State)
         self._inflight: _Flight | None = None  # a step dispatched and not read yet
@@ -404,7 +405,7 @@ class Engine:
     def _may_look_ahead(self, flight: _Flight) -> bool:
         """Whether the next step may be dispatched before `flight` is read: not if a row's next
         input needs its token on the host first (a grammar's mask, penalties over the history)."""
-        return self.config.pipeline and not any(
+        return self.pipelined and not any(
             seq.grammar is not None or uses_penalties(seq) for seq in flight.decision.seqs
         )
 

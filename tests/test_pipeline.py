@@ -54,20 +54,21 @@ def _run(llm: LLM, requests) -> list[list[RequestOutput]]:
 
 
 @pytest.fixture(scope="module")
-def unpipelined(smol_model):
-    llm = LLM(smol_model, dataclasses.replace(SMALL, pipeline=False))
+def pipelined(smol_model):
+    llm = LLM(smol_model, dataclasses.replace(SMALL, pipeline="on"))  # auto is off on CPU
     yield llm
     llm.shutdown()
 
 
-def test_pipelined_steps_stream_what_unpipelined_steps_stream(smol_llm, unpipelined):
-    requests = _requests(smol_llm.tokenizer)
+def test_pipelined_steps_stream_what_unpipelined_steps_stream(smol_llm, pipelined):
+    requests = _requests(pipelined.tokenizer)
     assert len(requests) == 16
+    on = _run(pipelined, requests)
+    assert pipelined.engine.looked_ahead > 0, "no step was dispatched while another was in flight"
+    assert not smol_llm.engine.pipelined
     ahead = smol_llm.engine.looked_ahead
-    on = _run(smol_llm, requests)
-    assert smol_llm.engine.looked_ahead > ahead, "no step was dispatched while another was in flight"
-    off = _run(unpipelined, requests)
-    assert unpipelined.engine.looked_ahead == 0
+    off = _run(smol_llm, requests)
+    assert smol_llm.engine.looked_ahead == ahead
     eos = smol_llm.engine.outputs.eos_ids
     for (_, params), deltas, reference in zip(requests, on, off, strict=True):
         assert [d.finish_reason for d in deltas[:-1]] == [None] * (len(deltas) - 1), "a delta after a finish"
