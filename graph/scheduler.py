@@ -90,6 +90,11 @@ class Sequence:
         self.unresolved -= 1
         return at + 1
 
+    @property
+    def closing(self) -> bool:
+        """Its unresolved token is its last (max_tokens): it ends once that is read."""
+        return self.unresolved > 0 and len(self.output) >= self.params.max_tokens
+
     def forget_unresolved(self) -> None:
         """Drop the placeholders of steps whose results will not be read (finished, preempted)."""
         del self.output[len(self.output) - self.unresolved :]
@@ -278,7 +283,7 @@ class Scheduler:
         step is still in flight (see the module's docstring): None where the step would preempt."""
         self._admit()
         prefilling = [s for s in self.running if s.pending > 1]
-        decoding = [s for s in self.running if s.pending == 1 and len(s.output) < s.params.max_tokens]
+        decoding = [s for s in self.running if s.pending == 1 and not s.closing]
         short = sum(self.pages_for(s.computed + 1) > len(s.pages) for s in decoding)
         if look_ahead and short > self.allocator.num_free:
             return None  # a preemption is due: decided once the step in flight is read

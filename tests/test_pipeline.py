@@ -11,7 +11,7 @@ import dataclasses
 
 import pytest
 
-from graph.api import RequestOutput, SamplingParams
+from graph.api import EngineConfig, RequestOutput, SamplingParams
 from graph.offline import LLM
 from tests.server_fixtures import SMALL
 
@@ -86,3 +86,20 @@ def test_pipelined_steps_stream_what_unpipelined_steps_stream(smol_llm, pipeline
     assert reasons[:3] == ["stop"] * 3, "the short answers should end with the end token"
     assert reasons[6:9] == ["length"] * 3 and all(len(on[i][-1].token_ids) <= 1 for i in range(6, 9))
     assert [t for d in on[11] for t in d.token_ids] == [t for d in on[12] for t in d.token_ids]  # n = 2, greedy
+
+
+@pytest.mark.parametrize("pipeline", ["on", "off"])
+def test_a_scoring_request_whose_prompt_is_cached_still_finishes(tiny_model, pipeline):
+    """max_tokens 0 (echo-only scoring) on a prompt whose every page but the last token's is in
+    the prefix cache: its one pending token is fed (a decode row) and it ends with no token."""
+    config = EngineConfig(max_batch=4, max_seq_len=128, max_prefill_tokens=32, pipeline=pipeline)
+    llm = LLM(tiny_model, config)
+    try:
+        prompt = list(range(10, 43))  # 2 full pages and 1 token
+        first = llm.generate([prompt], SamplingParams(max_tokens=3, temperature=0))[0]
+        scored = llm.generate([prompt], SamplingParams(max_tokens=0))[0]
+        again = llm.generate([prompt], SamplingParams(max_tokens=3, temperature=0))[0]
+        assert (scored.token_ids, scored.finish_reason) == ([], "length")
+        assert again.token_ids == first.token_ids and llm.engine.stats()["prefix_cached_tokens"] >= 64
+    finally:
+        llm.shutdown()
