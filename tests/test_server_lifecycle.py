@@ -159,21 +159,24 @@ def test_sigterm_answers_every_in_flight_request_and_exits_0(guarded):
     ]
     with concurrent.futures.ThreadPoolExecutor(len(jobs) + 1) as pool:
         streams = []
+        long_post = None
         for i, (route, body) in enumerate(jobs):  # one at a time: the queue holds 4
+            if i == 3:  # the long post before the short stream, which may finish at any time
+                long_post = pool.submit(httpx.post, url + "/v1/completions", json=LONG, headers=AUTH, timeout=300)
+                _wait_for(url, "xlaserve_batch_running_requests", 4)  # the 3 long streams and the long post
             opened = threading.Event()
             body = {k: v for k, v in body.items() if v is not None}
             streams.append(pool.submit(_stream_outcome, url, route, body, opened))
             assert opened.wait(120)
             if i < 3:
                 _wait_for(url, "xlaserve_batch_running_requests", i + 1)
-        long_post = pool.submit(httpx.post, url + "/v1/completions", json=LONG, headers=AUTH, timeout=300)
-        _wait_for(url, "xlaserve_batch_running_requests", 4)  # the 3 long streams and the long post
         proc.signal(signal.SIGTERM)
         _wait_unhealthy(url)
         *long_streams, short_stream = [s.result(timeout=SHUTDOWN_TIMEOUT + 60) for s in streams]
         for events in long_streams:  # cut off after the shutdown timeout: an error event, then [DONE]
             assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "shutting_down", events[-3:]
         assert short_stream[-1] == "[DONE]" and short_stream[-2]["choices"][0]["finish_reason"] == "length"
+        assert long_post is not None
         response = long_post.result(timeout=60)
         assert response.status_code == 503 and response.json()["error"]["code"] == "shutting_down"
     assert proc.wait(timeout=60) == 0
