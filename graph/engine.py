@@ -78,12 +78,9 @@ log = logging.getLogger("graph.engine")
 
 @dataclasses.dataclass(frozen=True)
 class _Flight:
-    """A dispatched step: its decision, split into its decode and prefill parts, and its outputs
-    (device arrays, not read yet)."""
+    """A dispatched step: its decision and its outputs (device arrays, not read yet)."""
 
     decision: Prefill | Decode | Mixed
-    decode: Decode | None
-    prefill: Prefill | None
     outs: Any
     started: float
 
@@ -471,7 +468,7 @@ class Engine:
             if chunk.final and chunk.seq.params.max_tokens:
                 chunk.seq.expect(carry_offset("prefill", size) + row)
         self.host_seconds += time.monotonic() - started
-        return _Flight(decision, decode, prefill, outs, started)
+        return _Flight(decision, outs, started)
 
     def _resolve(self, flight: _Flight) -> None:
         """Read a dispatched step's tokens and hand out its deltas."""
@@ -479,10 +476,11 @@ class Engine:
         outs = list(multihost.fetch(flight.outs))
         read = time.monotonic()
         self.wait_seconds += read - waiting
-        if flight.decode is not None:
-            self._after_decode(flight.decode, outs.pop(0))
-        if flight.prefill is not None:
-            self._after_prefill(flight.prefill, outs.pop(0))
+        decode, prefill = parts(flight.decision)
+        if decode is not None:
+            self._after_decode(decode, outs.pop(0))
+        if prefill is not None:
+            self._after_prefill(prefill, outs.pop(0))
         done = time.monotonic()
         self.host_seconds += done - read
         self.estimator.step(type(flight.decision).__name__.lower(), done - flight.started)
