@@ -11,6 +11,7 @@ from models.params import DTYPES
 
 MAX_TOP_LOGPROBS = 20
 MAX_SEED = 2**32 - 1  # sampling keys come from 32-bit seeds (graph/sampling.py)
+MAX_SPECULATIVE_TOKENS = 15  # draft tokens per sequence and step
 LAYER_LOOPS = ("auto", "scan", "unroll", "layered")  # see graph/programs.py
 
 
@@ -67,6 +68,13 @@ class EngineConfig:
     # dispatch each step before reading the last one's tokens (one step of look-ahead): auto is on
     # except on CPU, where the host's share of a step then competes with the step for the cores
     pipeline: str = "auto"  # auto | on | off
+    # speculative decoding by prompt lookup (n-gram): up to K draft tokens per decoding sequence,
+    # taken from where its last tokens occurred before in its prompt or output, verified in one step
+    # (graph/speculative.py); 0: off. Outputs are the same as without it, greedy or seeded
+    num_speculative_tokens: int = 0
+    prompt_lookup_max: int = 4  # longest n-gram matched
+    prompt_lookup_min: int = 1  # shortest n-gram matched
+    speculative_max_batch: int = 4  # decode batches larger than this are not speculated (each row costs K+1)
     min_prefill_tokens: int = 16  # smallest prefill bucket
     # smallest context bucket (page-table width); None: one bucket, the whole context. Attention
     # loops over only the keys a step can see, so narrower tables save little on CPU
@@ -105,6 +113,12 @@ class EngineConfig:
         ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if not 0 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"num_speculative_tokens must be between 0 and {MAX_SPECULATIVE_TOKENS}")
+        if not 1 <= self.prompt_lookup_min <= self.prompt_lookup_max:
+            raise ValueError("prompt_lookup_min must be at least 1 and at most prompt_lookup_max")
+        if self.speculative_max_batch < 1:
+            raise ValueError("speculative_max_batch must be at least 1")
         for name in ("max_queue_wait", "debug_step_delay", "debug_fail_step"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 or more")

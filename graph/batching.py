@@ -14,17 +14,12 @@ import numpy as np
 from graph.buckets import Buckets, pick
 from graph.executables import Key
 from graph.sampling import host_arrays
-from graph.scheduler import Decode, Mixed, Prefill, Sequence
+from graph.scheduler import Decode, Mixed, Prefill, Sequence, uses_penalties
 from graph.step import PACKED_ROWS, StepInputs
 
 Suppressed = Callable[[Sequence], tuple[int, ...]]
 # (grammar, output so far) of each sampled row, None if unconstrained -> uint32 [rows, ceil(V/32)]
 Masks = Callable[[list[tuple[Any, list[int]] | None]], np.ndarray]
-
-
-def uses_penalties(seq: Sequence) -> bool:
-    p = seq.params
-    return p.presence_penalty != 0 or p.frequency_penalty != 0 or p.repetition_penalty != 1
 
 
 def _rows(seqs: list[Sequence], R: int, H: int, rules: tuple[Suppressed, Masks], sampled: list[bool] | None = None):
@@ -80,23 +75,29 @@ def _prefill(step: Prefill, T: int, W: int, S: int, max_seq_len: int, rules: tup
     )  # fmt: skip
 
 
-def _decode(seqs: list[Sequence], B: int, W: int, max_seq_len: int, rules: tuple[Suppressed, Masks]) -> StepInputs:
-    tokens = np.zeros((B, 1), np.int32)
-    positions = np.full((B, 1), -1, np.int32)
+def _decode(step: Decode, B: int, T: int, W: int, max_seq_len: int, rules: tuple[Suppressed, Masks]) -> StepInputs:
+    """Row b: its sequence's pending token, then (a speculative step, T > 1) its drafts; every
+    token's logits give a sampled row, b * T + t."""
+    seqs, drafts = step.seqs, step.drafts or ((),) * len(step.seqs)
+    tokens = np.zeros((B, T), np.int32)
+    positions = np.full((B, T), -1, np.int32)
     page_table = np.zeros((B, W), np.int32)
     carry_from = np.full(B, -1, np.int32)
-    for b, seq in enumerate(seqs):
+    for b, (seq, draft) in enumerate(zip(seqs, drafts, strict=True)):
         if seq.unresolved:  # sampled by the step in flight: the device has it
             carry_from[b] = seq.carried
         else:
             tokens[b, 0] = seq.output[-1] if seq.output else seq.prompt[-1]  # the one pending token (the last)
-        positions[b, 0] = seq.computed
+        tokens[b, 1 : 1 + len(draft)] = draft
+        positions[b, : 1 + len(draft)] = np.arange(seq.computed, seq.computed + 1 + len(draft))
         pages = seq.pages[:W]
         page_table[b, : len(pages)] = pages
-    history, prompt_len, sampling, mask = _rows(seqs, B, max_seq_len, rules)
+    rows = [seq for seq in seqs for _ in range(T)]
+    kept = [t <= len(draft) for draft in drafts for t in range(T)]
+    history, prompt_len, sampling, mask = _rows(rows, B * T, max_seq_len, rules, kept)
     return StepInputs(
-        tokens, positions, None, page_table, np.arange(B, dtype=np.int32), sampling, mask, history, prompt_len,
-        np.full((B, 1), -1, np.int32), np.bool_(False), carry_from,
+        tokens, positions, None, page_table, np.arange(B * T, dtype=np.int32), sampling, mask, history, prompt_len,
+        np.full((B, T), -1, np.int32), np.bool_(False), carry_from,
     )  # fmt: skip
 
 
@@ -111,11 +112,13 @@ def build_step(
         return ("prefill", 1, T, W), (_prefill(step, T, W, S, max_seq_len, rules),)
     decode = step.decode if isinstance(step, Mixed) else step
     B = pick(buckets.decode_batch, len(decode.seqs))
-    context = max(s.computed + 1 for s in decode.seqs)
+    drafts = decode.drafts or ((),) * len(decode.seqs)
+    context = max(s.computed + 1 + len(d) for s, d in zip(decode.seqs, drafts, strict=True))
     if isinstance(step, Decode):
         W = buckets.context_for(context)
-        return ("decode", B, 1, W), (_decode(decode.seqs, B, W, max_seq_len, rules),)
+        T = buckets.verify_tokens if step.drafts else 1
+        return ("decode", B, T, W), (_decode(step, B, T, W, max_seq_len, rules),)
     T, chunk = buckets.mixed_tokens, step.prefill
     W = pick(buckets.context_pages, max(-(-context // S), row_pages(chunk, S)))
-    inputs = (_decode(decode.seqs, B, W, max_seq_len, rules), _prefill(chunk, T, W, S, max_seq_len, rules))
+    inputs = (_decode(decode, B, 1, W, max_seq_len, rules), _prefill(chunk, T, W, S, max_seq_len, rules))
     return ("mixed", B, T, W), inputs

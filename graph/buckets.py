@@ -4,7 +4,9 @@ Every executable is compiled for one bucket: prefill chunks are `[1, tokens]` wi
 `pages` KV pages; decode steps are `[batch, 1]` with a context of `pages`; mixed steps are a decode
 batch `[batch, 1]` plus one prompt chunk `[1, mixed_tokens]`, for every batch and context bucket
 (one chunk size: the largest prefill bucket that fits in `max_num_batched_tokens` beside a full
-batch; by default the largest up to 64 tokens; none with `max_batch` 1). Sizes are powers of two
+batch; by default the largest up to 64 tokens; none with `max_batch` 1). With speculative decoding
+(`num_speculative_tokens` K), speculative decode steps are `[batch, 1 + K]` for the decode batch
+buckets up to `speculative_max_batch`. Sizes are powers of two
 between a minimum and a maximum (the maximum itself is always included, even if not a power of two).
 """
 
@@ -41,6 +43,8 @@ class Buckets:
     context_pages: tuple[int, ...]  # KV pages a step may attend to (page-table width)
     page_size: int
     mixed_tokens: int = 0  # prompt chunk of a mixed step (0: no mixed steps)
+    verify_tokens: int = 0  # tokens per row of a speculative decode step: 1 + K drafts (0: none)
+    verify_batch: tuple[int, ...] = ()  # the decode batch buckets that have speculative steps
 
     @classmethod
     def from_config(cls, c: EngineConfig) -> Buckets:
@@ -68,13 +72,18 @@ class Buckets:
                     "mixed steps"
                 )
             mixed = max(fits)
+        # data parallel: the smallest decode batch gives every data shard a row (D = 2: 2, 4, 8, ...)
+        batches = powers_of_two(min(c.data_parallel, c.max_batch), c.max_batch)
         return cls(
             prefill_tokens=prefill_tokens,
-            # data parallel: the smallest decode batch gives every data shard a row (D = 2: 2, 4, 8, ...)
-            decode_batch=powers_of_two(min(c.data_parallel, c.max_batch), c.max_batch),
+            decode_batch=batches,
             context_pages=powers_of_two(min_pages, max_pages),
             page_size=c.page_size,
             mixed_tokens=mixed,
+            verify_tokens=1 + c.num_speculative_tokens if c.num_speculative_tokens else 0,
+            verify_batch=tuple(b for b in batches if b <= pick(batches, min(c.speculative_max_batch, c.max_batch)))
+            if c.num_speculative_tokens
+            else (),
         )
 
     @property
@@ -98,10 +107,14 @@ class Buckets:
     def decode_keys(self) -> list[tuple[str, int, int, int]]:
         return [("decode", b, 1, p) for b in self.decode_batch for p in self.context_pages]
 
+    def verify_keys(self) -> list[tuple[str, int, int, int]]:
+        """Speculative decode steps: each row its pending token and up to K drafts."""
+        return [("decode", b, self.verify_tokens, p) for b in self.verify_batch for p in self.context_pages]
+
     def mixed_keys(self) -> list[tuple[str, int, int, int]]:
         if not self.mixed_tokens:
             return []
         return [("mixed", b, self.mixed_tokens, p) for b in self.decode_batch for p in self.context_pages]
 
     def all_keys(self) -> list[tuple[str, int, int, int]]:
-        return self.prefill_keys() + self.decode_keys() + self.mixed_keys()
+        return self.prefill_keys() + self.decode_keys() + self.mixed_keys() + self.verify_keys()

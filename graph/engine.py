@@ -46,7 +46,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from graph import compile_cache, multihost
+from graph import compile_cache, multihost, speculative
 from graph.api import (
     MAX_SEED,
     EngineBrokenError,
@@ -58,15 +58,15 @@ from graph.api import (
     RequestTooLargeError,
     SamplingParams,
 )
-from graph.batching import build_step, uses_penalties
+from graph.batching import build_step
 from graph.buckets import Buckets
 from graph.checkpoint import check_weights, load_weights
 from graph.executables import ExecutableTable
 from graph.kv_cache import PageAllocator, kv_bytes_per_page, plan_num_pages
 from graph.layout import check_mesh, pipelined
-from graph.outputs import OutputProcessor
+from graph.outputs import OutputProcessor, merged
 from graph.sampling import MAX_LOGIT_BIAS, MAX_SUPPRESS
-from graph.scheduler import Decode, Mixed, Prefill, Scheduler, Sequence, parts
+from graph.scheduler import Decode, Mixed, Prefill, Scheduler, Sequence, parts, uses_penalties
 from graph.shedding import Queue, WaitEstimator
 from graph.step import PACKED_ROWS, carry_offset
 from graph.structured import Grammars
@@ -149,6 +149,10 @@ class Engine:
             packed_rows=PACKED_ROWS,
             max_pages=self.buckets.max_pages,
             chunk_sizes=self.buckets.prefill_tokens,
+            speculative_tokens=config.num_speculative_tokens,
+            speculative_max_batch=config.speculative_max_batch,
+            prompt_lookup=(config.prompt_lookup_min, config.prompt_lookup_max),
+            max_seq_len=config.max_seq_len,
         )
         self.outputs = OutputProcessor(model.tokenizer, model.cfg, config.max_seq_len)
         self.grammars = Grammars(model.tokenizer, model.cfg.vocab_size, self.outputs.eos_ids)
@@ -172,6 +176,8 @@ class Engine:
         self.estimator = WaitEstimator(config.max_batch, self.buckets.prefill_tokens[-1], self.buckets.mixed_tokens)
         self.steps = 0
         self.looked_ahead = 0  # steps dispatched while the one before was still in flight
+        self.draft_tokens = 0  # speculative decoding: draft tokens verified
+        self.accepted_tokens = 0  # of which were kept
         self.host_seconds = 0.0  # the step thread's own work: scheduling aside, building, dispatching, reading
         self.wait_seconds = 0.0  # the step thread waiting for the device's results
         self.step_kinds: collections.Counter[str] = collections.Counter()  # prefill | decode | mixed
@@ -328,6 +334,8 @@ class Engine:
         return {
             "steps": self.steps,
             "steps_looked_ahead": self.looked_ahead,
+            "spec_draft_tokens": self.draft_tokens,
+            "spec_accepted_tokens": self.accepted_tokens,
             "step_host_seconds": self.host_seconds,
             "step_wait_seconds": self.wait_seconds,
             "grammar_mask_seconds": self.mask_seconds,
@@ -401,9 +409,13 @@ class Engine:
 
     def _may_look_ahead(self, flight: _Flight) -> bool:
         """Whether the next step may be dispatched before `flight` is read: not if a row's next
-        input needs its token on the host first (a grammar's mask, penalties over the history)."""
-        return self.pipelined and not any(
-            seq.grammar is not None or uses_penalties(seq) for seq in flight.decision.seqs
+        input needs its token on the host first (a grammar's mask, penalties over the history), nor
+        a speculative step (which of its tokens stand is decided on the host)."""
+        speculative = isinstance(flight.decision, Decode) and bool(flight.decision.drafts)
+        return (
+            self.pipelined
+            and not speculative
+            and not any(seq.grammar is not None or uses_penalties(seq) for seq in flight.decision.seqs)
         )
 
     def _run(self, decision: Prefill | Decode | Mixed | None) -> None:
@@ -562,9 +574,31 @@ class Engine:
             at += chunk.length
 
     def _after_decode(self, step: Decode, out) -> None:
+        if step.drafts:
+            return self._after_speculative(step, out)
         for row, seq in enumerate(step.seqs):
             if self._live(seq):
                 self._emit(seq, self.outputs.accept(seq, out.sample, row))
+
+    def _after_speculative(self, step: Decode, out) -> None:
+        """Keep each row's samples while its drafts match them (graph/speculative.py): the K/V of
+        a matched draft stands, and the sample after it is the sequence's next token. One delta
+        per sequence carries all its new tokens."""
+        T = self.buckets.verify_tokens
+        for b, (seq, draft) in enumerate(zip(step.seqs, step.drafts, strict=True)):
+            if not self._live(seq):
+                continue
+            row = b * T
+            deltas = [self.outputs.accept(seq, out.sample, row)]
+            self.draft_tokens += len(draft)
+            for i in range(speculative.accepted(out.sample.token[row : row + len(draft)], draft)):
+                if deltas[-1].finish_reason is not None:
+                    break
+                self.accepted_tokens += 1
+                self.scheduler.advance(seq, 1)  # draft i's K/V stands
+                seq.expect(-1)
+                deltas.append(self.outputs.accept(seq, out.sample, row + i + 1))
+            self._emit(seq, merged(deltas))
 
     def _emit(self, seq: Sequence, delta: RequestOutput) -> None:
         self.scheduler.offer(seq)  # its newly known token may complete a page

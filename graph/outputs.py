@@ -115,3 +115,17 @@ class OutputProcessor:
         out = self._delta(seq, self._state(seq), "", [], None, reason)
         out.error = error
         return out
+
+
+def merged(deltas: list[RequestOutput]) -> RequestOutput:
+    """Consecutive deltas of one request as one (a speculative step's tokens)."""
+    if len(deltas) == 1:
+        return deltas[0]
+    first, last = deltas[0], deltas[-1]
+    return dataclasses.replace(
+        last,
+        text="".join(d.text for d in deltas),
+        token_ids=[t for d in deltas for t in d.token_ids],
+        logprobs=None if first.logprobs is None else [e for d in deltas for e in d.logprobs or ()],
+        prompt_logprobs=first.prompt_logprobs,
+    )

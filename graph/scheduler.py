@@ -44,6 +44,7 @@ import dataclasses
 import itertools
 from typing import Any
 
+from graph import speculative
 from graph.api import SamplingParams
 from graph.buckets import pick
 from graph.kv_cache import PageAllocator, extend_hashes
@@ -144,6 +145,7 @@ class Prefill:
 @dataclasses.dataclass(frozen=True)
 class Decode:
     seqs: list[Sequence]
+    drafts: tuple[tuple[int, ...], ...] = ()  # a speculative step: each sequence's draft tokens (graph/speculative.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +158,11 @@ class Mixed:
     @property
     def seqs(self) -> list[Sequence]:
         return self.decode.seqs + self.prefill.seqs
+
+
+def uses_penalties(seq: Sequence) -> bool:
+    p = seq.params
+    return p.presence_penalty != 0 or p.frequency_penalty != 0 or p.repetition_penalty != 1
 
 
 def parts(step: Prefill | Decode | Mixed) -> tuple[Decode | None, Prefill | None]:
@@ -178,6 +185,10 @@ class Scheduler:
         packed_rows: int = 1,
         max_pages: int | None = None,
         chunk_sizes: tuple[int, ...] = (),
+        speculative_tokens: int = 0,
+        speculative_max_batch: int = 0,
+        prompt_lookup: tuple[int, int] = (1, 4),
+        max_seq_len: int = 1 << 30,
     ):
         self.allocator = allocator
         self.page_size = page_size
@@ -188,6 +199,10 @@ class Scheduler:
         self.packed_rows = packed_rows  # prompts one chunk may carry
         self.max_pages = max_pages  # of a chunk's row (the largest context bucket); None: unbounded
         self.chunk_sizes = chunk_sizes  # compiled lengths of a chunk without decode rows, ascending
+        self.speculative_tokens = speculative_tokens  # drafts per sequence of a speculative step (0: none)
+        self.speculative_max_batch = speculative_max_batch  # larger decode batches are not speculated
+        self.prompt_lookup = prompt_lookup  # (shortest, longest) n-gram a draft is looked up by
+        self.max_seq_len = max_seq_len
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         self._last_was_prefill = False
@@ -292,15 +307,41 @@ class Scheduler:
                 self._last_was_prefill = True
                 return self._fit(self._chunk(prefilling, self.max_prefill_tokens))
             self._last_was_prefill = False
-            ready = self._grow(decoding)
-            return Decode(ready) if ready else None
+            return self._decode(self._grow(decoding), look_ahead)
         ready = self._grow(decoding) if decoding else []
         prefilling = [s for s in prefilling if s in self.running]  # a page for a decode may preempt one
         if not prefilling:
-            return Decode(ready) if ready else None
+            return self._decode(ready, look_ahead)
         if not ready:
             return self._fit(self._chunk(prefilling, self.max_prefill_tokens))
         return Mixed(Decode(ready), self._chunk(prefilling, self.mixed_tokens))
+
+    def _decode(self, ready: list[Sequence], look_ahead: bool) -> Decode | None:
+        """A decode step of `ready`, speculative where drafts are found (never while a step is in
+        flight: a draft is looked up from the tokens before it)."""
+        if not ready:
+            return None
+        if look_ahead or not self.speculative_tokens or len(ready) > self.speculative_max_batch:
+            return Decode(ready)
+        drafts = tuple(self._draft(seq) for seq in ready)
+        return Decode(ready, drafts) if any(drafts) else Decode(ready)
+
+    def _draft(self, seq: Sequence) -> tuple[int, ...]:
+        """Draft tokens for `seq` (graph/speculative.py), with pages for their positions taken from
+        free pages only (a draft never preempts); () where its next inputs need each token first."""
+        p = seq.params
+        if seq.grammar is not None or uses_penalties(seq) or len(seq.output) < p.min_tokens or seq.unresolved:
+            return ()
+        # every kept sample is an output token, within max_tokens, and every draft a position in the context
+        k = min(self.speculative_tokens, p.max_tokens - len(seq.output) - 1, self.max_seq_len - 1 - seq.computed)
+        if k <= 0:
+            return ()
+        draft = speculative.propose(seq.tokens, k, *self.prompt_lookup)
+        need = self.pages_for(seq.computed + 1 + len(draft)) - len(seq.pages)
+        if need > 0:
+            seq.pages += self.allocator.allocate(min(need, self.allocator.num_free))
+            draft = draft[: len(seq.pages) * self.page_size - seq.computed - 1]
+        return tuple(draft)
 
     def _chunk(self, prefilling: list[Sequence], limit: int) -> Prefill:
         """The oldest prompt's next chunk, and what it leaves of `limit` packed with the next ones."""

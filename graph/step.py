@@ -27,8 +27,9 @@ PACKED_ROWS = 4  # the most prompts one prefill chunk carries (packed): its head
 
 
 class StepInputs(NamedTuple):
-    """One segment's inputs: `[B, T]` tokens, and `R` sampled rows (R = B for a decode batch;
-    `PACKED_ROWS` for a prefill chunk, whose row holds up to that many prompts one after another)."""
+    """One segment's inputs: `[B, T]` tokens, and `R` sampled rows (R = B * T for a decode batch,
+    T = 1 but for speculative steps; `PACKED_ROWS` for a prefill chunk, whose row holds up to that
+    many prompts one after another)."""
 
     tokens: jax.Array  # i32 [B, T]
     positions: jax.Array  # i32 [B, T]; -1 = padding
@@ -68,22 +69,26 @@ def fed_tokens(tokens: jax.Array, sampled: jax.Array, carry_from: jax.Array | No
     if carry_from is None:
         return tokens
     carried = sampled[jnp.maximum(carry_from, 0)]
-    return jnp.where((carry_from >= 0)[:, None], carried[:, None], tokens)
+    first = jnp.arange(tokens.shape[1]) == 0  # a row's pending token (a speculative row's drafts follow it)
+    return jnp.where((carry_from >= 0)[:, None] & first[None, :], carried[:, None], tokens)
 
 
-def keep_sampled(sampled: jax.Array, out: StepOutputs, phase: str) -> jax.Array:
+def keep_sampled(sampled: jax.Array, out: StepOutputs, phase: str, tokens: int) -> jax.Array:
+    if phase == "decode" and tokens > 1:  # a speculative step: its tokens are checked on the host first
+        return sampled
     at = carry_offset(phase, sampled.shape[0])
     return jax.lax.dynamic_update_slice(sampled, out.sample.token.astype(jnp.int32), (at,))
 
 
-def rows_of(phase: str, batch: int) -> int:
-    """Sampled rows of a segment."""
-    return PACKED_ROWS if phase == "prefill" else batch
+def rows_of(phase: str, batch: int, tokens: int = 1) -> int:
+    """Sampled rows of a segment: a prefill chunk's PACKED_ROWS, a decode batch's every token (a
+    speculative row's pending token and drafts each give the token after them)."""
+    return PACKED_ROWS if phase == "prefill" else batch * tokens
 
 
 def abstract_inputs(key: Key, max_seq_len: int, vocab_size: int) -> StepInputs:
     phase, B, T, W = key
-    R = rows_of(phase, B)
+    R = rows_of(phase, B, T)
     i32, f32 = jnp.int32, jnp.float32
 
     def a(shape, dtype=i32):
@@ -185,8 +190,8 @@ def step(w: Weights, state: State, inps: tuple[StepInputs, ...], *, cfg: ModelCo
     )
     outs = tuple(back(w, h, i, cfg=cfg, prefill=p) for h, i, p in zip(hs, inps, prefill, strict=True))
     sampled = state.sampled
-    for out, p in zip(outs, prefill, strict=True):
-        sampled = keep_sampled(sampled, out, "prefill" if p else "decode")
+    for out, p, i in zip(outs, prefill, inps, strict=True):
+        sampled = keep_sampled(sampled, out, "prefill" if p else "decode", i.tokens.shape[1])
     return State(kv, sampled), outs
 
 
@@ -213,7 +218,7 @@ def layers(lws, hs, kv: KVCache, index, sliding, window, page_tables, positions,
 def head(w: Weights, h: jax.Array, inp: StepInputs, sampled, *, cfg: ModelConfig, prefill: bool):
     """-> (StepOutputs, `sampled` with this segment's tokens)."""
     out = back(w, transformer.final_norm(w, cfg, h), inp, cfg=cfg, prefill=prefill)
-    return out, keep_sampled(sampled, out, "prefill" if prefill else "decode")
+    return out, keep_sampled(sampled, out, "prefill" if prefill else "decode", h.shape[1])
 
 
 def init_kv(shape: tuple[int, ...], dtype) -> KVCache:

@@ -1,6 +1,7 @@
 """Time compiled steps of the real engine executables, for several weight layouts, in one
 process: milliseconds per decode step (and decode tokens/s), and with `--chunk T` per prefill
-chunk of T tokens and per mixed step (the decode batch plus that chunk).
+chunk of T tokens and per mixed step (the decode batch plus that chunk), with `--verify K` per
+speculative decode step (each row its token and K drafts).
 
     .venv/bin/python scripts/bench_step.py --batch 1 16 --variants unroll unroll:int8 scan
     .venv/bin/python scripts/bench_step.py --batch 8 --variants layered --chunk 64 256
@@ -39,10 +40,10 @@ def segment_inputs(
     unconstrained (an all-ones token mask)."""
     abstract = abstract_inputs((phase, B, T, W), config.max_seq_len, vocab)
     arrays = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract)
-    R = rows_of(phase, B)
+    R = rows_of(phase, B, T)
     pages = rng.permutation(np.arange(1, num_pages))[: B * W].reshape(B, W).astype(np.int32)
     positions = np.full((B, T), context, np.int32) + np.arange(T, dtype=np.int32)
-    last = np.arange(B, dtype=np.int32) * T + T - 1 if phase == "decode" else np.full(R, T - 1, np.int32)
+    last = np.arange(R, dtype=np.int32) if phase == "decode" else np.full(R, T - 1, np.int32)
     return arrays._replace(
         tokens=rng.integers(0, 1000, (B, T)).astype(np.int32),
         positions=positions,
@@ -55,9 +56,10 @@ def segment_inputs(
     )
 
 
-def keys_for(batches: list[int], chunks: list[int], W: int) -> list[tuple]:
+def keys_for(batches: list[int], chunks: list[int], W: int, verify: list[int]) -> list[tuple]:
     return [
         *(("decode", B, 1, W) for B in batches),
+        *(("decode", B, 1 + k, W) for B in batches for k in verify),
         *(("prefill", 1, T, W) for T in chunks),
         *(("mixed", B, T, W) for B in batches for T in chunks),
     ]
@@ -74,7 +76,7 @@ def time_variant(model, variant: str, args) -> None:
     num_pages = max(args.batch) * W + W + 1
     weights = load_weights(model, config)  # a converted model (--model DIR): only its own variant
     rng = np.random.default_rng(0)
-    keys = keys_for(args.batch, args.chunk, W)
+    keys = keys_for(args.batch, args.chunk, W, args.verify)
     started = time.perf_counter()
     table = ExecutableTable.compile(model.cfg, model.dtype, config, buckets, num_pages, keys=keys)
     print(f"{variant:>14} compiled {len(table.executables)} executables in {time.perf_counter() - started:.1f}s")
@@ -88,20 +90,20 @@ def time_variant(model, variant: str, args) -> None:
         for _ in range(3):
             kv, out = compiled(weights, kv, inputs)
         jax.block_until_ready(out)
-        times = []
+        times, cpu0 = [], time.process_time()
         for _ in range(args.steps):
             t0 = time.perf_counter()
             kv, out = compiled(weights, kv, inputs)
             jax.block_until_ready(out)
             times.append(time.perf_counter() - t0)
         ms = 1000 * float(np.median(times))
+        cores = (time.process_time() - cpu0) / sum(times)  # CPU seconds per wall second: cores kept busy
         phase, B, T, _ = key
         rate = (
             f"{B / ms * 1000:7.1f} decode tokens/s" if phase != "prefill" else f"{T / ms * 1000:7.1f} prompt tokens/s"
         )
-        print(
-            f"{variant:>14} {phase:>7} batch {B:3d} chunk {T:4d} ctx {W * 16:5d}: {ms:7.1f} ms/step  {rate}", flush=True
-        )
+        where = f"{variant:>14} {phase:>7} batch {B:3d} chunk {T:4d} ctx {W * 16:5d}"
+        print(f"{where}: {ms:7.1f} ms/step  {rate}  {cores:.2f} cores", flush=True)
         if args.split and len(compiled.units) > 1:
             kv = print_split(compiled, weights, kv, inputs, args.steps)
 
@@ -152,6 +154,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--width", type=int, default=0, help="page-table width in tokens, at least (a context bucket)")
     parser.add_argument("--chunk", type=int, nargs="*", default=[], help="prefill chunk sizes (and mixed steps)")
+    parser.add_argument("--verify", type=int, nargs="*", default=[], help="speculative steps of K drafts per row")
     parser.add_argument("--split", action="store_true", help="also time a layered step's parts one by one")
     args = parser.parse_args()
     model = load_model(args.model, args.dtype)

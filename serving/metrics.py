@@ -38,6 +38,11 @@ _ENGINE_COUNTERS = {
         "Step thread time spent building, dispatching and reading steps (the host's share of a step)",
     ),
     "step_wait_seconds": ("xlaserve_engine_step_wait_seconds", "Step thread time spent waiting for the device"),
+    "spec_draft_tokens": ("xlaserve_spec_decode_draft_tokens", "Speculative decoding: draft tokens verified"),
+    "spec_accepted_tokens": (
+        "xlaserve_spec_decode_accepted_tokens",
+        "Speculative decoding: draft tokens kept (each one a token without a step of its own)",
+    ),
     "grammar_mask_seconds": ("xlaserve_grammar_mask_seconds", "Host time spent on structured-output token masks"),
 }
 

@@ -1,0 +1,126 @@
+"""Speculative decoding by prompt lookup (graph/speculative.py): drafts are looked up where the
+last tokens occurred before, and a speculative step's kept tokens are exactly the tokens the
+sequence would have drawn one step at a time. On the bundled SmolLM2: the same tokens, text,
+finish reasons and logprobs with speculation on as off, greedy and seeded, through end tokens,
+stop strings, max_tokens and n > 1; with drafts really kept, in fewer steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from graph.api import EngineConfig, SamplingParams
+from graph.buckets import Buckets
+from graph.kv_cache import PageAllocator
+from graph.offline import LLM
+from graph.scheduler import Decode, Prefill, Scheduler, Sequence
+from graph.speculative import accepted, propose
+from tests.server_fixtures import SMALL
+from tests.test_pipeline import _requests, _run
+
+
+def test_a_draft_copies_what_followed_the_latest_occurrence_of_the_longest_ngram():
+    assert propose([5, 6, 7, 8, 9, 5, 6, 7], 3, 1, 4) == [8, 9, 5]
+    # the 2-gram (1, 2) occurred at 0 and 4; the latest wins
+    assert propose([1, 2, 3, 0, 1, 2, 4, 0, 1, 2], 2, 1, 2) == [4, 0]
+    # a loop goes on through the draft itself, past its own period
+    assert propose([1, 2, 3, 1, 2, 3], 5, 1, 4) == [1, 2, 3, 1, 2]
+    assert propose([7, 2, 2, 2, 2], 4, 1, 4) == [2, 2, 2, 2]
+    assert propose([1, 2, 3, 4], 3, 1, 4) == []  # nothing repeats
+    assert propose([1, 2, 3, 9, 3], 3, 2, 4) == []  # only a 1-gram repeats: under the minimum
+
+
+def test_drafts_stand_while_each_matches_the_sample_before_it():
+    assert accepted([8, 9, 1, 4], [8, 9, 5]) == 2
+    assert accepted([3, 9, 5, 4], [8, 9, 5]) == 0
+    assert accepted([8, 9, 5, 4], [8, 9, 5]) == 3
+
+
+def _scheduler(num_pages: int, **kw) -> Scheduler:
+    defaults = dict(page_size=4, max_batch=4, max_prefill_tokens=64, speculative_tokens=4, speculative_max_batch=2)
+    return Scheduler(PageAllocator(num_pages, caching=False), **{**defaults, **kw})
+
+
+def _decoding(s: Scheduler, prompt: list[int], n: int = 1, **params) -> Sequence:
+    """`n` sequences of `prompt`, prefilled, each with one output token (prompt[-3]): decoding."""
+    seqs = [Sequence(f"r{i}", prompt, SamplingParams(temperature=0, **params), seed=0) for i in range(n)]
+    for seq in seqs:
+        s.add(seq)
+    while any(seq.pending > 1 for seq in seqs):
+        step = s.schedule()
+        assert isinstance(step, Prefill)
+        for c in step.chunks:
+            s.advance(c.seq, c.length)
+    for seq in seqs:
+        seq.output.append(prompt[-3])
+    return seqs[0]
+
+
+def test_the_scheduler_drafts_within_max_tokens_and_free_pages_and_never_for_what_needs_each_token():
+    s = _scheduler(num_pages=64)
+    seq = _decoding(s, [1, 2, 3, 1, 2, 3, 1, 2], max_tokens=20)  # pages: 3 (9 tokens)
+    step = s.schedule()
+    assert isinstance(step, Decode) and step.drafts == ((1, 2, 3, 1),)  # tokens 1 2 3 1 2 3 1 2 | 3
+    assert len(seq.pages) == s.pages_for(seq.computed + 1 + 4)  # pages for the drafts' positions
+    seq.params = dataclasses.replace(seq.params, max_tokens=3)  # 1 out + s0 + 1 draft's sample
+    assert s.schedule().drafts == ((1,),)
+    for rule in (dict(presence_penalty=0.5), dict(min_tokens=5), dict(max_tokens=2)):
+        seq.params = dataclasses.replace(SamplingParams(temperature=0), **rule)
+        assert s.schedule().drafts == (), rule
+    # a batch over speculative_max_batch is not speculated
+    s = _scheduler(num_pages=64, speculative_max_batch=1)
+    _decoding(s, [1, 2, 3, 1, 2, 3, 1, 2], n=2, max_tokens=20)
+    assert s.schedule().drafts == ()
+    # drafts take free pages only, and are cut to the pages they got
+    s = _scheduler(num_pages=4)  # 3 usable pages (page 0 is scratch)
+    seq = _decoding(s, [1, 2, 3, 1, 2, 3, 1, 2, 3, 1], max_tokens=20)  # 10 + 1 (a 2) tokens: all 3 pages
+    assert s.allocator.num_free == 0
+    assert s.schedule().drafts == ((3,),) and not s.preemptions  # position 11 is the last of page 3
+
+
+@pytest.fixture(scope="module")
+def speculating(smol_model):
+    llm = LLM(smol_model, dataclasses.replace(SMALL, num_speculative_tokens=4, speculative_max_batch=SMALL.max_batch))
+    yield llm
+    llm.shutdown()
+
+
+def test_speculative_steps_stream_what_one_token_steps_stream(smol_llm, speculating):
+    base = _requests(speculating.tokenizer)
+    # and logprobs, greedy and seeded
+    requests = [*base, (base[3][0], SamplingParams(max_tokens=24, temperature=0, logprobs=2))]
+    requests.append((base[3][0], SamplingParams(max_tokens=24, temperature=0.7, seed=5, logprobs=1)))
+    on = _run(speculating, requests)
+    off = _run(smol_llm, requests)
+    stats = speculating.engine.stats()
+    assert stats["spec_accepted_tokens"] > 0, "no draft was kept"
+    assert stats["spec_draft_tokens"] > stats["spec_accepted_tokens"], "no draft was rejected: a weak test"
+    for (_, params), deltas, reference in zip(requests, on, off, strict=True):
+        assert [d.finish_reason for d in deltas[:-1]] == [None] * (len(deltas) - 1), "a delta after a finish"
+        tokens = [t for d in deltas for t in d.token_ids]
+        assert tokens == [t for d in reference for t in d.token_ids]
+        assert "".join(d.text for d in deltas) == "".join(d.text for d in reference)
+        assert deltas[-1].finish_reason == reference[-1].finish_reason
+        assert deltas[-1].completion_tokens == len(tokens) <= params.max_tokens
+        if params.logprobs is not None:
+            got = [e for d in deltas for e in d.logprobs]
+            want = [e for d in reference for e in d.logprobs]
+            assert [e.token_id for e in got] == tokens and len(got) == len(want)
+            for g, w in zip(got, want, strict=True):
+                assert g.logprob == pytest.approx(w.logprob, abs=1e-3)
+                assert [i for i, _ in g.top] == [i for i, _ in w.top]
+    # several tokens came in one delta: fewer deltas than tokens
+    assert sum(len(d) for d in on) < sum(len(d) for d in off)
+
+
+def test_speculative_buckets_and_their_identity():
+    config = EngineConfig(max_batch=16, num_speculative_tokens=3, speculative_max_batch=3)
+    b = Buckets.from_config(config)
+    assert (b.verify_tokens, b.verify_batch) == (4, (1, 2, 4))
+    assert b.verify_keys() == [("decode", n, 4, p) for n in (1, 2, 4) for p in b.context_pages]
+    assert set(b.verify_keys()) <= set(b.all_keys())
+    assert Buckets.from_config(EngineConfig()).verify_keys() == []
+    with pytest.raises(ValueError, match="num_speculative_tokens"):
+        EngineConfig(num_speculative_tokens=99)
