@@ -16,6 +16,10 @@ Threads and queues:
   A sequence that step n finishes (end token, stop string, max_tokens) is still in step n+1; its
   extra token is never read or shown, and it is not in step n+2. Steps whose rows need the host
   to see every token first (a grammar's mask, penalties over the history) are not looked past.
+- Speculative decoding (`num_speculative_tokens`, graph/speculative.py): a decode step may feed
+  each sequence's pending token followed by draft tokens looked up in its own prompt and output;
+  reading the step keeps the samples while each draft matches the sample before it, and hands out
+  the kept tokens in one delta. Such a step is never looked past.
 - Closing a stream early (client gone) aborts its request: the step thread removes it and frees
   its pages before it schedules its next step, so a request aborted while it waits never runs.
 

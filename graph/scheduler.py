@@ -24,7 +24,11 @@ logits), but its pages still go into the cache.
 
 A sequence's tokens are its prompt followed by its output. `computed` counts the tokens whose K/V
 are in the cache; the tokens after it are "pending". A step feeds pending tokens and samples the
-token that follows the last one: a prefill feeds a chunk of many, a decode feeds exactly one.
+token that follows the last one: a prefill feeds a chunk of many, a decode feeds exactly one, and
+a speculative decode (`speculative_tokens` K, no step in flight, no prompt waiting for a chunk, a
+batch of at most `speculative_max_batch`) feeds it followed by up to K draft tokens looked up in
+the sequence's own tokens (graph/speculative.py), with pages for their positions if free pages
+allow; the engine keeps what the samples confirm.
 A preempted sequence loses its pages and its cache (`computed = 0`) but keeps its output: when it
 is admitted again, prompt + output so far are prefilled and it continues where it was.
 

@@ -93,7 +93,8 @@ def run_load(url: str, concurrency: int, requests: int, args: argparse.Namespace
 
 
 COUNTERS = ("xlaserve_engine_steps_total", "xlaserve_engine_step_host_seconds_total",
-            "xlaserve_engine_step_wait_seconds_total", "xlaserve_engine_steps_looked_ahead_total")  # fmt: skip
+            "xlaserve_engine_step_wait_seconds_total", "xlaserve_engine_steps_looked_ahead_total",
+            "xlaserve_spec_decode_draft_tokens_total", "xlaserve_spec_decode_accepted_tokens_total")  # fmt: skip
 
 
 def counters(url: str) -> dict[str, float]:
@@ -107,9 +108,10 @@ def counters(url: str) -> dict[str, float]:
 def split(before: dict[str, float], after: dict[str, float]) -> str:
     """Per step of a run: the step thread's host time and its wait for the device, in ms."""
     steps = after[COUNTERS[0]] - before[COUNTERS[0]]
-    host, wait, ahead = ((after[n] - before[n]) for n in COUNTERS[1:])
+    host, wait, ahead, drafts, kept = ((after[n] - before[n]) for n in COUNTERS[1:])
     return (f"{steps:.0f} steps, host {1000 * host / steps:.1f} ms/step, waiting for the device "
-            f"{1000 * wait / steps:.1f} ms/step, {100 * ahead / steps:.0f}% dispatched ahead")  # fmt: skip
+            f"{1000 * wait / steps:.1f} ms/step, {100 * ahead / steps:.0f}% dispatched ahead, "
+            f"{kept:.0f} of {drafts:.0f} draft tokens kept")  # fmt: skip
 
 
 def main() -> None:
