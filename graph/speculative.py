@@ -8,7 +8,10 @@ keeps the samples `s0 .. sK` while each draft matches the sample before it: `s0`
 while `s(i-1) == d(i)`. Every kept sample is the token the sequence would have drawn without
 speculation: its logits saw the same tokens before it, and a sampled row's draw is keyed by its
 seed and its position (graph/sampling.py), not by the step. So outputs are the same with and
-without speculation, greedy or seeded; only the number of steps changes. The K/V written for
+without speculation, greedy or seeded; only the number of steps changes. (That holds as far as the
+step's shapes leave the logits bit for bit: in float32 they do; with `--quantize int8` the outputs
+already depend on the batch's shape, a rounding of the activations' scales away, and a speculative
+step is one more shape.) The K/V written for
 rejected drafts sits past the sequence's length, where nothing reads it before it is overwritten.
 
 Not speculated: sequences whose next token's inputs depend on the token before it on the host (a
