@@ -17,8 +17,8 @@ from graph.kv_cache import PageAllocator
 from graph.offline import LLM
 from graph.scheduler import Decode, Prefill, Scheduler, Sequence
 from graph.speculative import accepted, propose
+from tests.concurrent_requests import assert_same_streams, mixed_requests, run_at_once
 from tests.server_fixtures import SMALL
-from tests.test_pipeline import _requests, _run
 
 
 def test_a_draft_copies_what_followed_the_latest_occurrence_of_the_longest_ngram():
@@ -88,29 +88,16 @@ def speculating(smol_model):
 
 
 def test_speculative_steps_stream_what_one_token_steps_stream(smol_llm, speculating):
-    base = _requests(speculating.tokenizer)
+    base = mixed_requests(speculating.tokenizer)
     # and logprobs, greedy and seeded
     requests = [*base, (base[3][0], SamplingParams(max_tokens=24, temperature=0, logprobs=2))]
     requests.append((base[3][0], SamplingParams(max_tokens=24, temperature=0.7, seed=5, logprobs=1)))
-    on = _run(speculating, requests)
-    off = _run(smol_llm, requests)
+    on = run_at_once(speculating, requests)
+    off = run_at_once(smol_llm, requests)
     stats = speculating.engine.stats()
     assert stats["spec_accepted_tokens"] > 0, "no draft was kept"
     assert stats["spec_draft_tokens"] > stats["spec_accepted_tokens"], "no draft was rejected: a weak test"
-    for (_, params), deltas, reference in zip(requests, on, off, strict=True):
-        assert [d.finish_reason for d in deltas[:-1]] == [None] * (len(deltas) - 1), "a delta after a finish"
-        tokens = [t for d in deltas for t in d.token_ids]
-        assert tokens == [t for d in reference for t in d.token_ids]
-        assert "".join(d.text for d in deltas) == "".join(d.text for d in reference)
-        assert deltas[-1].finish_reason == reference[-1].finish_reason
-        assert deltas[-1].completion_tokens == len(tokens) <= params.max_tokens
-        if params.logprobs is not None:
-            got = [e for d in deltas for e in d.logprobs]
-            want = [e for d in reference for e in d.logprobs]
-            assert [e.token_id for e in got] == tokens and len(got) == len(want)
-            for g, w in zip(got, want, strict=True):
-                assert g.logprob == pytest.approx(w.logprob, abs=1e-3)
-                assert [i for i, _ in g.top] == [i for i, _ in w.top]
+    assert_same_streams(requests, on, off, smol_llm.engine.outputs.eos_ids)
     # several tokens came in one delta: fewer deltas than tokens
     assert sum(len(d) for d in on) < sum(len(d) for d in off)
 
