@@ -595,7 +595,10 @@ class Engine:
             row = b * T
             deltas = [self.outputs.accept(seq, out.sample, row)]
             self.draft_tokens += len(draft)
-            for i in range(speculative.accepted(out.sample.token[row : row + len(draft)], draft)):
+            kept = speculative.accepted(out.sample.token[row : row + len(draft)], draft)
+            if draft:
+                seq.drafted(kept)
+            for i in range(kept):
                 if deltas[-1].finish_reason is not None:
                     break
                 self.accepted_tokens += 1

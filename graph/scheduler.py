@@ -79,6 +79,8 @@ class Sequence:
     unresolved: int = 0  # trailing output tokens sampled by steps in flight, not read yet (placeholders)
     carried: int = -1  # where the last dispatched step keeps the newest of them on the device
     offered: int = 0  # leading pages offered to the prefix cache
+    draft_misses: int = 0  # speculative steps in a row that kept none of its drafts
+    draft_pause: int = 0  # steps to go before it drafts again (after misses)
 
     PLACEHOLDER = -1
 
@@ -99,6 +101,12 @@ class Sequence:
     def closing(self) -> bool:
         """Its unresolved token is its last (max_tokens): it ends once that is read."""
         return self.unresolved > 0 and len(self.output) >= self.params.max_tokens
+
+    def drafted(self, kept: int) -> None:
+        """A speculative step kept `kept` of its drafts: after m misses in a row it drafts again
+        only in 2**m - 1 steps (at most 15), so a text that does not repeat itself costs little."""
+        self.draft_misses = 0 if kept else self.draft_misses + 1
+        self.draft_pause = min(2**self.draft_misses - 1, 15)
 
     def forget_unresolved(self) -> None:
         """Drop the placeholders of steps whose results will not be read (finished, preempted)."""
@@ -335,6 +343,9 @@ class Scheduler:
         free pages only (a draft never preempts); () where its next inputs need each token first."""
         p = seq.params
         if seq.grammar is not None or uses_penalties(seq) or len(seq.output) < p.min_tokens or seq.unresolved:
+            return ()
+        if seq.draft_pause:
+            seq.draft_pause -= 1
             return ()
         # every kept sample is an output token, within max_tokens, and every draft a position in the context
         k = min(self.speculative_tokens, p.max_tokens - len(seq.output) - 1, self.max_seq_len - 1 - seq.computed)

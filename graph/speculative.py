@@ -14,6 +14,9 @@ already depend on the batch's shape, a rounding of the activations' scales away,
 step is one more shape.) The K/V written for
 rejected drafts sits past the sequence's length, where nothing reads it before it is overwritten.
 
+A sequence whose drafts all failed m steps in a row drafts again only after 2**m - 1 steps (at
+most 15): on text that does not repeat itself, few steps pay for drafts that will not stand.
+
 Not speculated: sequences whose next token's inputs depend on the token before it on the host (a
 grammar's mask, penalties over the history, end tokens suppressed before `min_tokens`), and batches
 larger than `speculative_max_batch` (a row costs 1 + K tokens of compute: on a compute-bound

@@ -80,6 +80,20 @@ def test_the_scheduler_drafts_within_max_tokens_and_free_pages_and_never_for_wha
     assert s.schedule().drafts == ((3,),) and not s.preemptions  # position 11 is the last of page 3
 
 
+def test_a_sequence_whose_drafts_keep_failing_drafts_less_often():
+    s = _scheduler(num_pages=64)
+    seq = _decoding(s, [1, 2, 3, 1, 2, 3, 1, 2], max_tokens=100)
+    pattern = []
+    for kept in (0, 0, 0, 2):
+        while not s.schedule().drafts:
+            pattern.append(0)
+        pattern.append(1)
+        seq.drafted(kept)
+    # misses pause it 1, 3, then 7 steps; a kept draft ends the pause at once
+    assert pattern == [1, 0, 1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1]
+    assert s.schedule().drafts
+
+
 @pytest.fixture(scope="module")
 def speculating(smol_model):
     llm = LLM(smol_model, dataclasses.replace(SMALL, num_speculative_tokens=4, speculative_max_batch=SMALL.max_batch))
