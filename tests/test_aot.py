@@ -28,6 +28,10 @@ pytestmark = pytest.mark.slow  # compiles the real model's artifacts
 ROOT = Path(__file__).resolve().parent.parent
 BUCKET_ARGS = ["--max-batch", "2", "--max-seq-len", "128", "--max-prefill-tokens", "32", "--min-context-tokens", "128"]
 CONFIG = EngineConfig(max_batch=2, max_seq_len=128, max_prefill_tokens=32, min_context_tokens=128)
+# The int8 artifact's: CONFIG's smallest prefill and decode buckets only (7 of its 15 executables)
+ONE_BUCKET_ARGS = ["--max-batch", "1", "--max-seq-len", "128", "--max-prefill-tokens", "16"]
+ONE_BUCKET_ARGS += ["--min-context-tokens", "128"]
+ONE_BUCKET = EngineConfig(max_batch=1, max_seq_len=128, max_prefill_tokens=16, min_context_tokens=128)
 
 START = textwrap.dedent(
     """
@@ -61,7 +65,7 @@ def _start(config: EngineConfig) -> tuple[dict, str]:
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
 
 
-def _make_artifact(out: Path, *extra: str) -> tuple[Path, str]:
+def _make_artifact(out: Path, *extra: str, buckets: list[str] = BUCKET_ARGS) -> tuple[Path, str]:
     """-> (the artifact directory, graph.aot's log)"""
     cmd = [
         sys.executable,
@@ -73,7 +77,7 @@ def _make_artifact(out: Path, *extra: str) -> tuple[Path, str]:
         str(out),
         "--compile-cache",
         str(compile_cache.default_dir()),
-        *BUCKET_ARGS,
+        *buckets,
         *extra,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
@@ -99,18 +103,21 @@ def test_start_from_artifact_compiles_nothing(artifact):
 
 
 def test_int8_artifact_starts_with_zero_compilations(artifact, tmp_path, smol_model):
-    config = dataclasses.replace(CONFIG, quantize="int8")
-    # Made with the session's cache warm from `artifact`'s compilation: the executables both share
-    # (the KV pool's init at least) are compiled afresh, as jax cannot serialize an executable it
-    # loaded from its cache (graph/compile_cache.py); the start below shows every one runs.
-    int8, _ = _make_artifact(tmp_path / "int8", "--quantize", "int8")
+    # Made with the session's cache warm from `artifact`'s compilation, and with its pool: the
+    # executables both share (the KV pool's init at least) are compiled afresh, as jax cannot
+    # serialize an executable it loaded from its cache (graph/compile_cache.py); the start below
+    # shows every one runs.
+    pages = json.loads((artifact / "manifest.json").read_text())["num_pages"]
+    config = dataclasses.replace(ONE_BUCKET, quantize="int8", kv_pages=pages)
+    int8, _ = _make_artifact(tmp_path / "int8", "--quantize", "int8", "--kv-pages", str(pages), buckets=ONE_BUCKET_ARGS)
     assert json.loads((int8 / "manifest.json").read_text())["quantize"] == "int8"
     warm, log = _start(dataclasses.replace(config, aot_dir=str(int8), compile_cache="off"))
     assert warm["compiles"] == 0 and "Compiling" not in log
     assert warm["text"]  # it generates
+    float32 = dataclasses.replace(config, quantize="none")
     with pytest.raises(ArtifactMismatchError, match="quantize"):  # and a float32 server refuses it
         ExecutableTable.load(
-            int8, smol_model.cfg, "float32", CONFIG, Buckets.from_config(CONFIG), smol_model.fingerprint
+            int8, smol_model.cfg, "float32", float32, Buckets.from_config(float32), smol_model.fingerprint
         )
 
 
