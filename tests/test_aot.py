@@ -22,12 +22,27 @@ from graph import compile_cache, executable_io
 from graph.api import EngineConfig
 from graph.buckets import Buckets
 from graph.executables import ArtifactMismatchError, ExecutableTable
+from tests.server_fixtures import SMALL
 
+pytest_plugins = ("tests.server_fixtures",)
 pytestmark = pytest.mark.slow  # compiles the real model's artifacts
 
 ROOT = Path(__file__).resolve().parent.parent
-BUCKET_ARGS = ["--max-batch", "2", "--max-seq-len", "128", "--max-prefill-tokens", "32", "--min-context-tokens", "128"]
-CONFIG = EngineConfig(max_batch=2, max_seq_len=128, max_prefill_tokens=32, min_context_tokens=128)
+# The session's artifact (tests/conftest.py `aot_dir`): SMALL, compiled once for every server
+CONFIG = SMALL
+# The int8 artifact's: SMALL's buckets for a batch of 1 (its prefill and smallest decode bucket)
+ONE_BUCKET = dataclasses.replace(SMALL, max_batch=1)
+
+
+def _args(config: EngineConfig) -> list[str]:
+    """`config`'s non-default fields as command-line options."""
+    return [
+        arg
+        for field in dataclasses.fields(config)
+        if (value := getattr(config, field.name)) != field.default
+        for arg in (f"--{field.name.replace('_', '-')}", str(value))
+    ]
+
 
 START = textwrap.dedent(
     """
@@ -61,7 +76,7 @@ def _start(config: EngineConfig) -> tuple[dict, str]:
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
 
 
-def _make_artifact(out: Path, *extra: str) -> tuple[Path, str]:
+def _make_artifact(out: Path, config: EngineConfig, *extra: str) -> tuple[Path, str]:
     """-> (the artifact directory, graph.aot's log)"""
     cmd = [
         sys.executable,
@@ -73,7 +88,7 @@ def _make_artifact(out: Path, *extra: str) -> tuple[Path, str]:
         str(out),
         "--compile-cache",
         str(compile_cache.default_dir()),
-        *BUCKET_ARGS,
+        *_args(config),
         *extra,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
@@ -83,8 +98,8 @@ def _make_artifact(out: Path, *extra: str) -> tuple[Path, str]:
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory) -> Path:
-    return _make_artifact(tmp_path_factory.mktemp("aot") / "smollm2")[0]
+def artifact(aot_dir) -> Path:
+    return aot_dir
 
 
 def test_start_from_artifact_compiles_nothing(artifact):
@@ -99,18 +114,21 @@ def test_start_from_artifact_compiles_nothing(artifact):
 
 
 def test_int8_artifact_starts_with_zero_compilations(artifact, tmp_path, smol_model):
-    config = dataclasses.replace(CONFIG, quantize="int8")
-    # Made with the session's cache warm from `artifact`'s compilation: the executables both share
-    # (the KV pool's init at least) are compiled afresh, as jax cannot serialize an executable it
-    # loaded from its cache (graph/compile_cache.py); the start below shows every one runs.
-    int8, _ = _make_artifact(tmp_path / "int8", "--quantize", "int8")
+    # Made with the session's cache warm from `artifact`'s compilation, and with its pool: the
+    # executables both share (the KV pool's init at least) are compiled afresh, as jax cannot
+    # serialize an executable it loaded from its cache (graph/compile_cache.py); the start below
+    # shows every one runs.
+    pages = json.loads((artifact / "manifest.json").read_text())["num_pages"]
+    config = dataclasses.replace(ONE_BUCKET, quantize="int8", kv_pages=pages)
+    int8, _ = _make_artifact(tmp_path / "int8", dataclasses.replace(ONE_BUCKET, kv_pages=pages), "--quantize", "int8")
     assert json.loads((int8 / "manifest.json").read_text())["quantize"] == "int8"
     warm, log = _start(dataclasses.replace(config, aot_dir=str(int8), compile_cache="off"))
     assert warm["compiles"] == 0 and "Compiling" not in log
     assert warm["text"]  # it generates
+    float32 = dataclasses.replace(config, quantize="none")
     with pytest.raises(ArtifactMismatchError, match="quantize"):  # and a float32 server refuses it
         ExecutableTable.load(
-            int8, smol_model.cfg, "float32", CONFIG, Buckets.from_config(CONFIG), smol_model.fingerprint
+            int8, smol_model.cfg, "float32", float32, Buckets.from_config(float32), smol_model.fingerprint
         )
 
 
@@ -120,7 +138,7 @@ def test_manifest_describes_the_artifact(artifact):
         assert key in manifest
     assert manifest["mesh"] == {"axes": {"data": 1, "model": 1}, "device_kind": "cpu", "devices": 1, "processes": 1}
     assert manifest["layer_loop"] == "layered"  # the CPU default: front, layers (per group), head
-    assert manifest["memory"]["layers_b2_t1_p8"]["temp_size_in_bytes"] > 0
+    assert manifest["memory"]["layers_b2_t1_p32"]["temp_size_in_bytes"] > 0
 
 
 @pytest.mark.parametrize(
@@ -155,7 +173,7 @@ def _damage(artifact: Path, into: Path, how: str) -> tuple[Path, Path]:
     """A copy of the artifact with one executable truncated or one of its bytes flipped; -> (the
     copy, the damaged file)."""
     shutil.copytree(artifact, into)
-    victim = into / "layers_b2_t1_p8.bin"
+    victim = into / "layers_b2_t1_p32.bin"
     data = victim.read_bytes()
     victim.write_bytes(
         data[: len(data) // 2] if how == "truncated" else data[:999] + bytes([data[999] ^ 1]) + data[1000:]
@@ -171,7 +189,7 @@ def test_damaged_artifact_is_refused_naming_the_file(artifact, smol_model, tmp_p
             damaged, smol_model.cfg, "float32", CONFIG, Buckets.from_config(CONFIG), smol_model.fingerprint
         )
     cmd = [sys.executable, "-m", "serving.main", "--port", "0", "--aot-dir", str(damaged), "--compile-cache", "off"]
-    server = subprocess.run([*cmd, *BUCKET_ARGS], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    server = subprocess.run([*cmd, *_args(CONFIG)], capture_output=True, text=True, cwd=ROOT, timeout=300)
     errors = [line for line in server.stderr.splitlines() if " ERROR " in line]
     assert server.returncode != 0
     assert len(errors) == 1 and str(victim) in errors[0], server.stderr[-3000:]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Callable
 
 import pytest
 
@@ -58,17 +59,26 @@ def llm(request, smol_llm, gemma_llm):
     return smol_llm if request.param == "smollm2" else gemma_llm
 
 
-def alone(llm: LLM, params: SamplingParams) -> list[list[int]]:
-    """Each prompt by itself on an empty prefix cache: no sharing, no mixed step."""
-    out = []
-    for prompt in PROMPTS:
-        llm.engine.reset_prefix_cache()
-        out.append(llm.generate([prompt], params)[0].token_ids)
-    return out
+@pytest.fixture(scope="module")
+def alone() -> Callable[[LLM, SamplingParams], list[list[int]]]:
+    """Each prompt by itself on an empty prefix cache: no sharing, no mixed step. Computed once per
+    engine and sampling parameters, and shared by the tests below that compare with it."""
+    done: dict[tuple[int, SamplingParams], list[list[int]]] = {}
+
+    def tokens(llm: LLM, params: SamplingParams) -> list[list[int]]:
+        if (id(llm), params) not in done:
+            out = []
+            for prompt in PROMPTS:
+                llm.engine.reset_prefix_cache()
+                out.append(llm.generate([prompt], params)[0].token_ids)
+            done[id(llm), params] = out
+        return done[id(llm), params]
+
+    return tokens
 
 
 @pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
-def test_a_prefix_from_the_cache_gives_the_same_tokens(llm, params):
+def test_a_prefix_from_the_cache_gives_the_same_tokens(llm, params, alone):
     expected = alone(llm, params)
     engine = llm.engine
     engine.reset_prefix_cache()
@@ -82,7 +92,7 @@ def test_a_prefix_from_the_cache_gives_the_same_tokens(llm, params):
 
 
 @pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
-def test_prompts_prefilled_in_mixed_steps_give_the_same_tokens(llm, params):
+def test_prompts_prefilled_in_mixed_steps_give_the_same_tokens(llm, params, alone):
     expected = alone(llm, params)
     engine, long = llm.engine, dataclasses.replace(params, max_tokens=48)
     engine.reset_prefix_cache()

@@ -6,6 +6,7 @@ process 0 fail its in-flight requests and exit non-zero."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import signal
@@ -48,18 +49,29 @@ def two_processes(tmp_path) -> Iterator[tuple[ServerProcess, ServerProcess]]:
 
 
 def _answers(url: str) -> list[str]:
+    """Each route, streamed and not, sent together: one batch, so the two processes split its rows
+    (a step costs ~1 s here: 8 simulated devices on 2 cores, gloo collectives over loopback; a
+    request's tokens do not depend on what shares its steps, tests/test_mixed_and_prefix.py)."""
     import openai
 
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
-    # each route, streamed and not (a step costs ~1 s here: 8 simulated devices on 2 cores, gloo
-    # collectives over loopback)
-    completion = client.completions.create(**COMPLETION).choices[0].text
-    streamed = "".join(c.choices[0].text for c in client.completions.create(**COMPLETION, stream=True))
-    chat = client.chat.completions.create(**CHAT, temperature=0).choices[0].message.content
-    chat_streamed = "".join(
-        c.choices[0].delta.content or "" for c in client.chat.completions.create(**CHAT, temperature=0, stream=True)
-    )
-    return [completion, streamed, chat, chat_streamed]
+
+    def completion() -> str:
+        return client.completions.create(**COMPLETION).choices[0].text
+
+    def streamed() -> str:
+        return "".join(c.choices[0].text for c in client.completions.create(**COMPLETION, stream=True))
+
+    def chat() -> str:
+        return client.chat.completions.create(**CHAT, temperature=0).choices[0].message.content
+
+    def chat_streamed() -> str:
+        stream = client.chat.completions.create(**CHAT, temperature=0, stream=True)
+        return "".join(c.choices[0].delta.content or "" for c in stream)
+
+    routes = (completion, streamed, chat, chat_streamed)
+    with concurrent.futures.ThreadPoolExecutor(len(routes)) as pool:
+        return list(pool.map(lambda route: route(), routes))
 
 
 def test_two_processes_answer_as_one_and_stop_together(server, tmp_path):
