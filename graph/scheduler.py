@@ -342,13 +342,15 @@ class Scheduler:
         """Draft tokens for `seq` (graph/speculative.py), with pages for their positions taken from
         free pages only (a draft never preempts); () where its next inputs need each token first."""
         p = seq.params
-        if seq.grammar is not None or uses_penalties(seq) or len(seq.output) < p.min_tokens or seq.unresolved:
+        if seq.grammar is not None or uses_penalties(seq) or seq.unresolved:
             return ()
         if seq.draft_pause:
             seq.draft_pause -= 1
             return ()
         # every kept sample is an output token, within max_tokens, and every draft a position in the context
         k = min(self.speculative_tokens, p.max_tokens - len(seq.output) - 1, self.max_seq_len - 1 - seq.computed)
+        if len(seq.output) < p.min_tokens:  # end tokens are suppressed for every sample of the step, or for none
+            k = min(k, p.min_tokens - len(seq.output) - 1)
         if k <= 0:
             return ()
         draft = speculative.propose(seq.tokens, k, *self.prompt_lookup)

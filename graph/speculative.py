@@ -18,9 +18,10 @@ A sequence whose drafts all failed m steps in a row drafts again only after 2**m
 most 15): on text that does not repeat itself, few steps pay for drafts that will not stand.
 
 Not speculated: sequences whose next token's inputs depend on the token before it on the host (a
-grammar's mask, penalties over the history, end tokens suppressed before `min_tokens`), and batches
+grammar's mask, penalties over the history), batches
 larger than `speculative_max_batch` (a row costs 1 + K tokens of compute: on a compute-bound
-batch, verification costs more than the steps it saves).
+batch, verification costs more than the steps it saves). Before `min_tokens`, a draft stops where
+end tokens stop being suppressed, so that every sample of a step has the same rule.
 """
 
 from __future__ import annotations

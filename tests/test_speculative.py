@@ -66,7 +66,9 @@ def test_the_scheduler_drafts_within_max_tokens_and_free_pages_and_never_for_wha
     assert len(seq.pages) == s.pages_for(seq.computed + 1 + 4)  # pages for the drafts' positions
     seq.params = dataclasses.replace(seq.params, max_tokens=3)  # 1 out + s0 + 1 draft's sample
     assert s.schedule().drafts == ((1,),)
-    for rule in (dict(presence_penalty=0.5), dict(min_tokens=5), dict(max_tokens=2)):
+    seq.params = dataclasses.replace(seq.params, max_tokens=20, min_tokens=4)  # samples 1-2 end-suppressed, not 3
+    assert s.schedule().drafts == ((1, 2),)
+    for rule in (dict(presence_penalty=0.5), dict(min_tokens=2), dict(max_tokens=2)):
         seq.params = dataclasses.replace(SamplingParams(temperature=0), **rule)
         assert s.schedule().drafts == (), rule
     # a batch over speculative_max_batch is not speculated
