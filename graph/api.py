@@ -70,7 +70,7 @@ class EngineConfig:
     pipeline: str = "auto"  # auto | on | off
     # speculative decoding by prompt lookup (n-gram): up to K draft tokens per decoding sequence,
     # taken from where its last tokens occurred before in its prompt or output, verified in one step
-    # (graph/speculative.py); 0: off. Outputs are the same as without it, greedy or seeded
+    # (graph/speculative.py); 0: off. In float32 outputs are the same as without it, greedy or seeded
     num_speculative_tokens: int = 0
     prompt_lookup_max: int = 4  # longest n-gram matched
     prompt_lookup_min: int = 1  # shortest n-gram matched

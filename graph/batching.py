@@ -78,7 +78,7 @@ def _prefill(step: Prefill, T: int, W: int, S: int, max_seq_len: int, rules: tup
 def _decode(step: Decode, B: int, T: int, W: int, max_seq_len: int, rules: tuple[Suppressed, Masks]) -> StepInputs:
     """Row b: its sequence's pending token, then (a speculative step, T > 1) its drafts; every
     token's logits give a sampled row, b * T + t."""
-    seqs, drafts = step.seqs, step.drafts or ((),) * len(step.seqs)
+    seqs, drafts = step.seqs, step.row_drafts
     tokens = np.zeros((B, T), np.int32)
     positions = np.full((B, T), -1, np.int32)
     page_table = np.zeros((B, W), np.int32)
@@ -112,8 +112,7 @@ def build_step(
         return ("prefill", 1, T, W), (_prefill(step, T, W, S, max_seq_len, rules),)
     decode = step.decode if isinstance(step, Mixed) else step
     B = pick(buckets.decode_batch, len(decode.seqs))
-    drafts = decode.drafts or ((),) * len(decode.seqs)
-    context = max(s.computed + 1 + len(d) for s, d in zip(decode.seqs, drafts, strict=True))
+    context = max(s.computed + 1 + len(d) for s, d in zip(decode.seqs, decode.row_drafts, strict=True))
     if isinstance(step, Decode):
         W = buckets.context_for(context)
         T = buckets.verify_tokens if step.drafts else 1

@@ -415,10 +415,9 @@ class Engine:
         """Whether the next step may be dispatched before `flight` is read: not if a row's next
         input needs its token on the host first (a grammar's mask, penalties over the history), nor
         a speculative step (which of its tokens stand is decided on the host)."""
-        speculative = isinstance(flight.decision, Decode) and bool(flight.decision.drafts)
         return (
             self.pipelined
-            and not speculative
+            and not (isinstance(flight.decision, Decode) and flight.decision.drafts)
             and not any(seq.grammar is not None or uses_penalties(seq) for seq in flight.decision.seqs)
         )
 

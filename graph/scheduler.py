@@ -159,6 +159,11 @@ class Decode:
     seqs: list[Sequence]
     drafts: tuple[tuple[int, ...], ...] = ()  # a speculative step: each sequence's draft tokens (graph/speculative.py)
 
+    @property
+    def row_drafts(self) -> tuple[tuple[int, ...], ...]:
+        """Each sequence's drafts, () for every one of a one-token step."""
+        return self.drafts or ((),) * len(self.seqs)
+
 
 @dataclasses.dataclass(frozen=True)
 class Mixed:

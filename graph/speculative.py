@@ -11,16 +11,16 @@ seed and its position (graph/sampling.py), not by the step. So outputs are the s
 without speculation, greedy or seeded; only the number of steps changes. (That holds as far as the
 step's shapes leave the logits bit for bit: in float32 they do; with `--quantize int8` the outputs
 already depend on the batch's shape, a rounding of the activations' scales away, and a speculative
-step is one more shape.) The K/V written for
-rejected drafts sits past the sequence's length, where nothing reads it before it is overwritten.
+step is one more shape.) The K/V written for rejected drafts sits past the sequence's length,
+where nothing reads it before it is overwritten.
 
 A sequence whose drafts all failed m steps in a row drafts again only after 2**m - 1 steps (at
 most 15): on text that does not repeat itself, few steps pay for drafts that will not stand.
 
 Not speculated: sequences whose next token's inputs depend on the token before it on the host (a
-grammar's mask, penalties over the history), batches
-larger than `speculative_max_batch` (a row costs 1 + K tokens of compute: on a compute-bound
-batch, verification costs more than the steps it saves). Before `min_tokens`, a draft stops where
+grammar's mask, penalties over the history), and batches larger than `speculative_max_batch` (a
+row costs 1 + K tokens of compute: on a compute-bound batch, verification costs more than the
+steps it saves). Before `min_tokens`, a draft stops where
 end tokens stop being suppressed, so that every sample of a step has the same rule.
 """
 

@@ -44,12 +44,19 @@ MODEL = "smollm2-135m-instruct"
 SMALL = EngineConfig(
     max_batch=8, max_seq_len=512, min_context_tokens=512, min_prefill_tokens=64, max_prefill_tokens=64, kv_pages=256
 )
-SMALL_ENGINE = tuple(
-    arg
-    for field in dataclasses.fields(SMALL)
-    if (value := getattr(SMALL, field.name)) != field.default
-    for arg in (f"--{field.name.replace('_', '-')}", str(value))
-)
+
+
+def engine_args(config: EngineConfig) -> tuple[str, ...]:
+    """`config`'s non-default fields as command-line options."""
+    return tuple(
+        arg
+        for field in dataclasses.fields(config)
+        if (value := getattr(config, field.name)) != field.default
+        for arg in (f"--{field.name.replace('_', '-')}", str(value))
+    )
+
+
+SMALL_ENGINE = engine_args(SMALL)
 MAX_SEQ_LEN = SMALL.max_seq_len
 READY = re.compile(r"^Server ready on (http://\S+) \(Press CTRL\+C to quit\)$")
 LISTENING = re.compile(r"listening on (\S+):(\d+); loading the model")

@@ -22,7 +22,7 @@ from graph import compile_cache, executable_io
 from graph.api import EngineConfig
 from graph.buckets import Buckets
 from graph.executables import ArtifactMismatchError, ExecutableTable
-from tests.server_fixtures import SMALL
+from tests.server_fixtures import SMALL, engine_args
 
 pytest_plugins = ("tests.server_fixtures",)
 pytestmark = pytest.mark.slow  # compiles the real model's artifacts
@@ -32,16 +32,6 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIG = SMALL
 # The int8 artifact's: SMALL's buckets for a batch of 1 (its prefill and smallest decode bucket)
 ONE_BUCKET = dataclasses.replace(SMALL, max_batch=1)
-
-
-def _args(config: EngineConfig) -> list[str]:
-    """`config`'s non-default fields as command-line options."""
-    return [
-        arg
-        for field in dataclasses.fields(config)
-        if (value := getattr(config, field.name)) != field.default
-        for arg in (f"--{field.name.replace('_', '-')}", str(value))
-    ]
 
 
 START = textwrap.dedent(
@@ -88,7 +78,7 @@ def _make_artifact(out: Path, config: EngineConfig, *extra: str) -> tuple[Path, 
         str(out),
         "--compile-cache",
         str(compile_cache.default_dir()),
-        *_args(config),
+        *engine_args(config),
         *extra,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
@@ -189,7 +179,7 @@ def test_damaged_artifact_is_refused_naming_the_file(artifact, smol_model, tmp_p
             damaged, smol_model.cfg, "float32", CONFIG, Buckets.from_config(CONFIG), smol_model.fingerprint
         )
     cmd = [sys.executable, "-m", "serving.main", "--port", "0", "--aot-dir", str(damaged), "--compile-cache", "off"]
-    server = subprocess.run([*cmd, *_args(CONFIG)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    server = subprocess.run([*cmd, *engine_args(CONFIG)], capture_output=True, text=True, cwd=ROOT, timeout=300)
     errors = [line for line in server.stderr.splitlines() if " ERROR " in line]
     assert server.returncode != 0
     assert len(errors) == 1 and str(victim) in errors[0], server.stderr[-3000:]
