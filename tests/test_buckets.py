@@ -107,7 +107,7 @@ def test_prefill_and_decode_keys_of_a_tiny_config():
     ]  # fmt: skip
     assert b.decode_keys() == [("decode", bs, 1, p) for bs in (1, 2, 4, 6) for p in (2, 4, 8, 12)]
     # mixed steps: every batch and context bucket with one chunk size, by default the largest prefill
-    # bucket up to 64 tokens
+    # bucket up to 32 tokens
     assert b.mixed_tokens == 20
     assert b.mixed_keys() == [("mixed", bs, 20, p) for bs in (1, 2, 4, 6) for p in (2, 4, 8, 12)]
     assert b.all_keys() == b.prefill_keys() + b.decode_keys() + b.mixed_keys()
@@ -121,8 +121,8 @@ def test_the_mixed_chunk_is_the_largest_prefill_bucket_beside_a_full_batch(budge
     assert bool(Buckets.from_config(config).mixed_keys()) == bool(chunk)
 
 
-def test_default_mixed_chunks_are_64_tokens_or_the_smallest_bucket_and_none_for_one_sequence():
-    assert Buckets.from_config(EngineConfig()).mixed_tokens == 64
+def test_default_mixed_chunks_are_32_tokens_or_the_smallest_bucket_and_none_for_one_sequence():
+    assert Buckets.from_config(EngineConfig()).mixed_tokens == 32
     big = EngineConfig(max_batch=4, min_prefill_tokens=128, max_prefill_tokens=512)
     assert Buckets.from_config(big).mixed_tokens == 128
     assert Buckets.from_config(dataclasses.replace(big, max_batch=1)).mixed_keys() == []

@@ -66,7 +66,8 @@ def _status_then_leave(url: str, prompt: list[int], everyone: threading.Barrier)
 def test_a_burst_that_would_wait_too_long_is_shed_with_429_and_retry_after(faulty):
     url = faulty.url
     before = wait_idle(url)
-    # 16 prompts of 400 distinct tokens: the 8th finds 44 chunks of 64 (over 2.2 s) ahead of it
+    # 16 prompts of 400 distinct tokens: the 8th finds 2,800 prompt tokens ahead of it (at least 44
+    # chunks of at most 64, over 2.2 s of steps)
     prompts = [list(range(1000 + 400 * i, 1400 + 400 * i)) for i in range(16)]
     everyone = threading.Barrier(len(prompts))
     with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
