@@ -1,7 +1,14 @@
 """Host-side assembly of a step's inputs: a scheduler decision padded to its bucket as numpy
-arrays (one transfer per step). Padding tokens have position -1 and write only to scratch page 0;
-padding rows sample nothing anyone reads. Each sampled row's token mask comes from its grammar
-(graph/structured.py) when it has one and its token will be kept, else it is all ones.
+arrays. Padding tokens have position -1 and write only to scratch page 0; padding rows sample
+nothing anyone reads. Each sampled row's token mask comes from its grammar (graph/structured.py)
+when it has one and its token will be kept, else it is all ones.
+
+The sampled rows' arrays (sampling parameters, token masks, penalty history, prompt lengths) are
+the same from step to step while a segment's rows are the same sequences in the same state:
+`RowReuse` then hands back the very arrays of the last step, which `StepProgram` does not send to
+the device again (graph/programs.py). They are rebuilt, and sent, when a row joins or leaves, when
+a row's suppressed end tokens change (min_tokens reached), and in every step for rows that need
+them (penalties: the history grows; grammars: the mask follows the output).
 """
 
 from __future__ import annotations
@@ -22,21 +29,48 @@ Suppressed = Callable[[Sequence], tuple[int, ...]]
 Masks = Callable[[list[tuple[Any, list[int]] | None]], np.ndarray]
 
 
-def _rows(seqs: list[Sequence], R: int, H: int, rules: tuple[Suppressed, Masks], sampled: list[bool] | None = None):
-    """The sampled rows' arrays: penalty history, prompt lengths, sampling parameters and token
-    masks (of the rows whose token is kept: `sampled`, default all)."""
-    suppressed, masks = rules
-    kept = sampled or [True] * len(seqs)
-    grammars = [(s.grammar, s.output) if s.grammar is not None and k else None for s, k in zip(seqs, kept, strict=True)]
-    history = np.full((R, H), -1, np.int32)
-    prompt_len = np.zeros(R, np.int32)
-    for r, seq in enumerate(seqs):
-        prompt_len[r] = len(seq.prompt)
-        if uses_penalties(seq):
-            tokens = seq.tokens
-            history[r, : len(tokens)] = tokens
-    rows = [(s.params, s.seed, suppressed(s)) for s in seqs] + [None] * (R - len(seqs))
-    return history, prompt_len, host_arrays(rows, R), masks(grammars + [None] * (R - len(seqs)))
+class RowReuse:
+    """The sampled-row arrays last built for each segment shape, and what they were built from."""
+
+    def __init__(self) -> None:
+        self._last: dict[tuple[str, int, int], tuple[tuple, tuple]] = {}
+        self.built = self.reused = 0  # arrays, for tests
+
+    def rows(self, phase: str, seqs: list[Sequence], R: int, H: int, rules: tuple[Suppressed, Masks], kept: list[bool]):
+        """The sampled rows' arrays (of the rows whose token is kept: `kept`): penalty history,
+        prompt lengths, sampling parameters and token masks; each one the last step's where
+        nothing it holds can have changed."""
+        suppressed, masks = rules
+        key = (tuple(seqs), tuple(suppressed(s) for s in seqs), tuple(kept))
+        last = self._last.get((phase, R, H))
+        if last is not None and last[0] == key:
+            history, prompt_len, sampling, mask = last[1]
+            self.reused += 2
+        else:
+            history = mask = None
+            prompt_len = np.zeros(R, np.int32)
+            prompt_len[: len(seqs)] = [len(s.prompt) for s in seqs]
+            sampling = host_arrays([(s.params, s.seed, suppressed(s)) for s in seqs] + [None] * (R - len(seqs)), R)
+            self.built += 2
+        if history is None or any(uses_penalties(s) for s in seqs):  # it grows with every token
+            history = np.full((R, H), -1, np.int32)
+            for r, seq in enumerate(seqs):
+                if uses_penalties(seq):
+                    tokens = seq.tokens
+                    history[r, : len(tokens)] = tokens
+            self.built += 1
+        else:
+            self.reused += 1
+        if mask is None or any(s.grammar is not None for s in seqs):  # it follows the output
+            rows = zip(seqs, kept, strict=True)
+            grammars = [(s.grammar, s.output) if s.grammar is not None and k else None for s, k in rows]
+            mask = masks(grammars + [None] * (R - len(seqs)))
+            self.built += 1
+        else:
+            self.reused += 1
+        arrays = (history, prompt_len, sampling, mask)
+        self._last[(phase, R, H)] = (key, arrays)
+        return arrays
 
 
 def row_pages(step: Prefill, page_size: int) -> int:
@@ -44,7 +78,9 @@ def row_pages(step: Prefill, page_size: int) -> int:
     return sum(-(-(c.start + c.length) // page_size) for c in step.chunks)
 
 
-def _prefill(step: Prefill, T: int, W: int, S: int, max_seq_len: int, rules: tuple[Suppressed, Masks]) -> StepInputs:
+def _prefill(
+    step: Prefill, T: int, W: int, S: int, max_seq_len: int, rules: tuple[Suppressed, Masks], reuse: RowReuse
+) -> StepInputs:
     """The chunks one after another in one row; each prompt's pages start at a page boundary of
     the row (`base`, in tokens), and its chunk's last token gives its sampled row."""
     tokens = np.zeros((1, T), np.int32)
@@ -68,14 +104,16 @@ def _prefill(step: Prefill, T: int, W: int, S: int, max_seq_len: int, rules: tup
         want |= seq.params.prompt_logprobs is not None and len(following) > 0
         at, page = at + n, page + len(pages)
     seqs, final = [c.seq for c in step.chunks], [c.final for c in step.chunks]
-    history, prompt_len, sampling, mask = _rows(seqs, PACKED_ROWS, max_seq_len, rules, final)
+    history, prompt_len, sampling, mask = reuse.rows("prefill", seqs, PACKED_ROWS, max_seq_len, rules, final)
     return StepInputs(
         tokens, positions, base, page_table, last_index, sampling, mask, history, prompt_len, next_tokens,
         np.bool_(want), None,
     )  # fmt: skip
 
 
-def _decode(step: Decode, B: int, T: int, W: int, max_seq_len: int, rules: tuple[Suppressed, Masks]) -> StepInputs:
+def _decode(
+    step: Decode, B: int, T: int, W: int, max_seq_len: int, rules: tuple[Suppressed, Masks], reuse: RowReuse
+) -> StepInputs:
     """Row b: its sequence's pending token, then (a speculative step, T > 1) its drafts; every
     token's logits give a sampled row, b * T + t."""
     seqs, drafts = step.seqs, step.row_drafts
@@ -94,7 +132,7 @@ def _decode(step: Decode, B: int, T: int, W: int, max_seq_len: int, rules: tuple
         page_table[b, : len(pages)] = pages
     rows = [seq for seq in seqs for _ in range(T)]
     kept = [t <= len(draft) for draft in drafts for t in range(T)]
-    history, prompt_len, sampling, mask = _rows(rows, B * T, max_seq_len, rules, kept)
+    history, prompt_len, sampling, mask = reuse.rows("decode", rows, B * T, max_seq_len, rules, kept)
     return StepInputs(
         tokens, positions, None, page_table, np.arange(B * T, dtype=np.int32), sampling, mask, history, prompt_len,
         np.full((B, T), -1, np.int32), np.bool_(False), carry_from,
@@ -102,22 +140,31 @@ def _decode(step: Decode, B: int, T: int, W: int, max_seq_len: int, rules: tuple
 
 
 def build_step(
-    step: Prefill | Decode | Mixed, buckets: Buckets, max_seq_len: int, suppressed: Suppressed, masks: Masks
+    step: Prefill | Decode | Mixed,
+    buckets: Buckets,
+    max_seq_len: int,
+    suppressed: Suppressed,
+    masks: Masks,
+    reuse: RowReuse | None = None,
 ) -> tuple[Key, tuple[StepInputs, ...]]:
-    """A decision -> its bucket and the inputs of each of its segments (graph/programs.py)."""
-    S, rules = buckets.page_size, (suppressed, masks)
+    """A decision -> its bucket and the inputs of each of its segments (graph/programs.py); with
+    `reuse` (kept from step to step), unchanged sampled-row arrays are the last step's."""
+    S, rules, reuse = buckets.page_size, (suppressed, masks), reuse or RowReuse()
     if isinstance(step, Prefill):
         T = pick(buckets.prefill_tokens, step.tokens)
         W = pick(buckets.context_pages, row_pages(step, S))
-        return ("prefill", 1, T, W), (_prefill(step, T, W, S, max_seq_len, rules),)
+        return ("prefill", 1, T, W), (_prefill(step, T, W, S, max_seq_len, rules, reuse),)
     decode = step.decode if isinstance(step, Mixed) else step
     B = pick(buckets.decode_batch, len(decode.seqs))
     context = max(s.computed + 1 + len(d) for s, d in zip(decode.seqs, decode.row_drafts, strict=True))
     if isinstance(step, Decode):
         W = buckets.context_for(context)
         T = buckets.verify_tokens if step.drafts else 1
-        return ("decode", B, T, W), (_decode(step, B, T, W, max_seq_len, rules),)
+        return ("decode", B, T, W), (_decode(step, B, T, W, max_seq_len, rules, reuse),)
     T, chunk = buckets.mixed_tokens, step.prefill
     W = pick(buckets.context_pages, max(-(-context // S), row_pages(chunk, S)))
-    inputs = (_decode(decode, B, 1, W, max_seq_len, rules), _prefill(chunk, T, W, S, max_seq_len, rules))
+    inputs = (
+        _decode(decode, B, 1, W, max_seq_len, rules, reuse),
+        _prefill(chunk, T, W, S, max_seq_len, rules, reuse),
+    )
     return ("mixed", B, T, W), inputs

@@ -7,7 +7,8 @@ Threads and queues:
   that belongs to the caller's event loop.
 - The step thread drains the inbox and the abort list, asks the `Scheduler` for the next step
   (a prefill chunk, a decode batch, or both in one mixed step), pads it to its bucket (with each
-  constrained row's token mask), dispatches the compiled executable with the KV pool donated, and
+  constrained row's token mask; the sampled rows' parameters are sent only when the rows change),
+  dispatches the compiled executable with the KV pool donated, and
   turns the sampled tokens into `RequestOutput` deltas (`graph/outputs.py`) which it hands to each
   request's queue with `loop.call_soon_threadsafe`.
 - Look-ahead (`pipeline`; auto: on except on CPU): the step thread dispatches step n+1 before it reads
@@ -62,7 +63,7 @@ from graph.api import (
     RequestTooLargeError,
     SamplingParams,
 )
-from graph.batching import build_step
+from graph.batching import RowReuse, build_step
 from graph.buckets import Buckets
 from graph.checkpoint import check_weights, load_weights
 from graph.executables import ExecutableTable
@@ -178,6 +179,7 @@ class Engine:
         self._queue_waits: dict[str, float] = {}  # until its first delta carries it
         self._queue = Queue()  # what a new request finds ahead of it: the step thread's last view
         self.estimator = WaitEstimator(config.max_batch, self.buckets.prefill_tokens[-1], self.buckets.mixed_tokens)
+        self.row_reuse = RowReuse()  # sampled-row arrays kept from step to step (graph/batching.py)
         self.steps = 0
         self.looked_ahead = 0  # steps dispatched while the one before was still in flight
         self.draft_tokens = 0  # speculative decoding: draft tokens verified
@@ -465,7 +467,9 @@ class Engine:
                 self._queue_waits[seq.request_id] = started - queued_at
         if self.config.debug_step_delay:
             time.sleep(self.config.debug_step_delay)
-        key, inputs = build_step(decision, self.buckets, self.max_seq_len, self.outputs.suppressed, self._masks)
+        key, inputs = build_step(
+            decision, self.buckets, self.max_seq_len, self.outputs.suppressed, self._masks, self.row_reuse
+        )
         self.step_kinds[key[0]] += 1
         if self.channel is not None:
             self.channel.publish("step", list(key), inputs)

@@ -163,6 +163,8 @@ def lowerings(
 # step inputs whose first dimension is the batch (split over "data"); the rest are per sampled
 # row or scalars, replicated
 _BATCH_INPUTS = ("tokens", "positions", "base", "page_table", "next_tokens", "carry_from")
+# per sampled row and unchanged while the rows are (graph/batching.py RowReuse): kept on the device
+RESIDENT = ("sampling", "mask", "history", "prompt_len")
 
 
 def sharded_inputs(cfg: ModelConfig, config: EngineConfig, key: Key, max_seq_len: int) -> tuple[StepInputs, ...]:
@@ -191,6 +193,8 @@ class StepProgram:
         self.units = units
         self.segments = len(inputs)
         self.input_shardings = jax.tree.map(lambda a: a.sharding, inputs)
+        self._resident: dict[tuple[int, str], tuple[Any, Any]] = {}  # (segment, field) -> (host, device)
+        self.calls = self.row_sends = 0  # steps, and those that sent some sampled-row array
         if len(units) > 1:  # layered: each group's layer indices, rope kinds and windows, on the device
             G = self.group = group_size(cfg)
             self.groups = [
@@ -202,8 +206,32 @@ class StepProgram:
                 for i in range(0, cfg.num_layers, G)
             ]  # fmt: skip
 
+    def put(self, inputs: tuple[StepInputs, ...]) -> tuple[StepInputs, ...]:
+        """The segments' inputs on the device, in one transfer; a sampled-row array that is the
+        very object this bucket's last step sent (graph/batching.py RowReuse) is not sent again."""
+        kept = {}
+        for i, seg in enumerate(inputs):
+            for f in RESIDENT:
+                last = self._resident.get((i, f))
+                if last is not None and last[0] is getattr(seg, f):
+                    kept[(i, f)] = last[1]
+        self.calls += 1
+        self.row_sends += len(kept) < len(inputs) * len(RESIDENT)
+
+        def unsent(tree: tuple[StepInputs, ...]) -> tuple[StepInputs, ...]:
+            return tuple(seg._replace(**{f: None for f in RESIDENT if (i, f) in kept}) for i, seg in enumerate(tree))
+
+        sent = jax.device_put(unsent(inputs), unsent(self.input_shardings))
+        out = []
+        for i, (seg, on_device) in enumerate(zip(inputs, sent, strict=True)):
+            for f in RESIDENT:
+                if (i, f) not in kept:
+                    self._resident[(i, f)] = (getattr(seg, f), getattr(on_device, f))
+            out.append(on_device._replace(**{f: kept[(i, f)] for f in RESIDENT if (i, f) in kept}))
+        return tuple(out)
+
     def __call__(self, w: Weights, state: State, inputs: tuple[StepInputs, ...]):
-        inputs = jax.device_put(inputs, self.input_shardings)  # once, not once per layer
+        inputs = self.put(inputs)  # once, not once per layer
         if len(self.units) == 1:
             return self.units[0](w, state, inputs)
         n = self.segments
