@@ -185,6 +185,16 @@ def input_shardings(mesh: Mesh, inputs: StepInputs) -> StepInputs:
     })  # fmt: skip
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Two host arrays (or trees of them) hold the same values."""
+    if a is b:
+        return True
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(la) == len(lb) and all(
+        x.shape == y.shape and x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(la, lb, strict=True)
+    )
+
+
 class StepProgram:
     """The callable of one bucket: `(weights, state, per-segment inputs) -> (state, per-segment StepOutputs)`.
     `inputs` are the abstract inputs of its segments, carrying their shardings."""
@@ -207,13 +217,15 @@ class StepProgram:
             ]  # fmt: skip
 
     def put(self, inputs: tuple[StepInputs, ...]) -> tuple[StepInputs, ...]:
-        """The segments' inputs on the device, in one transfer; a sampled-row array that is the
-        very object this bucket's last step sent (graph/batching.py RowReuse) is not sent again."""
+        """The segments' inputs on the device, in one transfer; a sampled-row array that holds
+        what this bucket's last step sent is not sent again. Usually it is the very same object
+        (graph/batching.py RowReuse); the decision is by content all the same, so every process of
+        a multi-host mesh, each with its own copy of the inputs, sends the same arrays."""
         kept = {}
         for i, seg in enumerate(inputs):
             for f in RESIDENT:
                 last = self._resident.get((i, f))
-                if last is not None and last[0] is getattr(seg, f):
+                if last is not None and _same(last[0], getattr(seg, f)):
                     kept[(i, f)] = last[1]
         self.calls += 1
         self.row_sends += len(kept) < len(inputs) * len(RESIDENT)
