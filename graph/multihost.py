@@ -106,12 +106,16 @@ class StepChannel:
 def follow(model: Any, config: Any) -> int:
     """A follower's life: build the same table and weights as process 0, then run every device
     call process 0 publishes until it says stop. -> exit status."""
+    from graph import compile_cache
     from graph.buckets import Buckets
     from graph.checkpoint import check_weights, load_weights
     from graph.executables import ExecutableTable
     from graph.layout import check_mesh
     from graph.programs import sharded_inputs
 
+    # As process 0's Engine.create: the table below loads what process 0 has just compiled (its
+    # setup message comes after its table), instead of compiling all of it a second time.
+    compile_cache.configure(config.compile_cache)
     check_mesh(model.cfg, config)
     check_weights(model, config)
     channel = StepChannel()

@@ -31,7 +31,8 @@ from tests.server_fixtures import SMALL, compile_small_artifact  # noqa: E402
 # `pytestmark`), and every test that reads Gemma 3 270M's 262k-token vocabulary (`model` parameter
 # `gemma3`). The fast tier keeps the pure functions, the tiny random model through the whole
 # engine, and SmolLM2's GGUF reader and tokenizer.
-SLOW_FIXTURES = {"smol_llm", "smol_hf", "aot_dir", "aot_engine", "server", "gemma3", "hf_gemma3", "gemma3_gguf"}
+SLOW_FIXTURES = {"smol_llm", "smol_hf", "aot_dir", "aot_engine", "server"}
+SLOW_FIXTURES |= {"gemma3", "hf_gemma3", "gemma3_gguf", "gemma3_model"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -60,6 +61,13 @@ def session_compile_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 @pytest.fixture(scope="session")
 def smol_model() -> LoadedModel:
     return load_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def gemma3_model() -> LoadedModel:
+    """Gemma 3 270M, loaded once for the session's references (its 262k-token vocabulary and
+    weights take ~14 s to load on 2 cores)."""
+    return load_model("gemma3-270m")
 
 
 @pytest.fixture(scope="session")

@@ -57,6 +57,11 @@ def engine_args(config: EngineConfig) -> tuple[str, ...]:
 
 
 SMALL_ENGINE = engine_args(SMALL)
+# The session's engine config for the tiny random model (tests/conftest.py `tiny_model`), for the
+# tests that need no buckets of their own: compiled once in the session. A test that wants
+# alternating prefill and decode steps takes it with max_num_batched_tokens=0, whose executables
+# are a subset (the same, less the mixed steps'), all loaded from the session's compilation cache.
+TINY = EngineConfig(max_batch=4, max_seq_len=128, max_prefill_tokens=64, min_context_tokens=128)
 MAX_SEQ_LEN = SMALL.max_seq_len
 READY = re.compile(r"^Server ready on (http://\S+) \(Press CTRL\+C to quit\)$")
 LISTENING = re.compile(r"listening on (\S+):(\d+); loading the model")

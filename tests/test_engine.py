@@ -11,9 +11,10 @@ import time
 import jax
 import pytest
 
-from graph.api import EngineConfig, SamplingParams
+from graph.api import SamplingParams
 from graph.offline import LLM
 from tests.hf_reference import one_torch_thread
+from tests.server_fixtures import TINY
 
 torch = pytest.importorskip("torch")
 
@@ -117,9 +118,9 @@ def test_mixed_workload_compiles_nothing(smol_llm, compiles):
     assert compiles.count == 0
 
 
-@pytest.mark.slow  # 120 requests: half a minute on 2 cores
+@pytest.mark.slow  # 120 requests: 20 s on 2 cores, most of it compiling TINY (the session's first use of it)
 def test_every_page_is_free_after_random_requests_and_aborts(tiny_model):
-    llm = LLM(tiny_model, EngineConfig(max_batch=8, max_seq_len=128, max_prefill_tokens=64, min_context_tokens=128))
+    llm = LLM(tiny_model, TINY)
     engine, rng = llm.engine, random.Random(1)
 
     async def one(i):

@@ -14,15 +14,13 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from graph.api import EngineBrokenError, EngineConfig, QueueFullError, RequestOutput, SamplingParams
+from graph.api import EngineBrokenError, QueueFullError, RequestOutput, SamplingParams
 from graph.engine import Engine
 from graph.offline import LLM
 from graph.shedding import Queue, WaitEstimator
-from tests.server_fixtures import serve
+from tests.server_fixtures import TINY, serve
 
-CONFIG = EngineConfig(
-    max_batch=4, max_seq_len=128, max_prefill_tokens=64, min_context_tokens=128, max_num_batched_tokens=0
-)
+CONFIG = dataclasses.replace(TINY, max_num_batched_tokens=0)
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 # Two short prompts that decode after one chunk, and a long one that needs two.
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14], [20, 21, 22, 23, 24, 25, 26, 27], list(range(100, 200))]

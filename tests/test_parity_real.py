@@ -23,7 +23,7 @@ import pytest
 
 from models.loader import LoadedModel
 from tests.forward_loop import greedy_generate, prompt_logits
-from tests.hf_reference import hf_greedy, hf_reference, load_with_checkpoint, one_torch_thread
+from tests.hf_reference import hf_greedy, hf_reference, one_torch_thread
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -56,13 +56,10 @@ def _ids(model: LoadedModel, prompt: Prompt) -> list[int]:
 @pytest.fixture(scope="module", params=list(PROMPTS))
 def real(request) -> Iterator[tuple[LoadedModel, Any]]:
     """(our model, the transformers reference with the same weights); each loaded once."""
-    if request.param == "smollm2-135m-instruct":  # shared with the engine tests (tests/conftest.py)
-        model = request.getfixturevalue("smol_model")
-        hf = hf_reference(model)
-    else:
-        model, checkpoint = load_with_checkpoint(request.param)  # Gemma's 262k vocabulary: read the file once
-        hf = hf_reference(model, checkpoint)
-        del checkpoint
+    # shared with the engine tests and the default servers' references (tests/conftest.py)
+    fixture = "smol_model" if request.param == "smollm2-135m-instruct" else "gemma3_model"
+    model = request.getfixturevalue(fixture)
+    hf = hf_reference(model)  # the GGUF file read again for it (3.5 s for Gemma 3; a whole load takes 14 s)
     with one_torch_thread():
         yield model, hf
 

@@ -10,10 +10,10 @@ import dataclasses
 
 import pytest
 
-from graph.api import EngineConfig, SamplingParams
+from graph.api import SamplingParams
 from graph.offline import LLM
 from tests.concurrent_requests import assert_same_streams, mixed_requests, run_at_once
-from tests.server_fixtures import SMALL
+from tests.server_fixtures import SMALL, TINY
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +43,7 @@ def test_pipelined_steps_stream_what_unpipelined_steps_stream(smol_llm, pipeline
 def test_a_scoring_request_whose_prompt_is_cached_still_finishes(tiny_model, pipeline):
     """max_tokens 0 (echo-only scoring) on a prompt whose every page but the last token's is in
     the prefix cache: its one pending token is fed (a decode row) and it ends with no token."""
-    config = EngineConfig(max_batch=4, max_seq_len=128, max_prefill_tokens=32, pipeline=pipeline)
-    llm = LLM(tiny_model, config)
+    llm = LLM(tiny_model, dataclasses.replace(TINY, pipeline=pipeline))
     try:
         prompt = list(range(10, 43))  # 2 full pages and 1 token
         first = llm.generate([prompt], SamplingParams(max_tokens=3, temperature=0))[0]

@@ -18,6 +18,7 @@ from tests.server_fixtures import REPO, start_make_serve
 pytestmark = pytest.mark.slow  # the default bucket set of each bundled model, compiled at start
 
 PROMPT = "The capital of France is"
+REFERENCE = {"smollm2-135m-instruct": "smol_model", "gemma3-270m": "gemma3_model"}  # tests/conftest.py
 TOKENS = 8
 
 
@@ -42,8 +43,7 @@ def _readme_serve_args(model: str | None) -> list[str]:
         pytest.param("gemma3-270m", "gemma3-270m", id="gemma3"),
     ],
 )
-def test_bundled_model_serves_with_default_flags(model, readme_model, tmp_path):
-    from models.loader import load_model
+def test_bundled_model_serves_with_default_flags(model, readme_model, tmp_path, request):
     from tests.forward_loop import greedy_generate
 
     proc = start_make_serve([*_readme_serve_args(readme_model), "--port", "0"], tmp_path / "serve.log")
@@ -56,6 +56,6 @@ def test_bundled_model_serves_with_default_flags(model, readme_model, tmp_path):
     finally:
         os.killpg(proc.proc.pid, signal.SIGTERM)  # make and the server it started
         proc.proc.wait(timeout=120)
-    reference = load_model(model)
+    reference = request.getfixturevalue(REFERENCE[model])  # the model loaded in this process
     ids = reference.tokenizer.encode(PROMPT)
     assert text == reference.tokenizer.decode(greedy_generate(reference, ids, TOKENS))
