@@ -34,7 +34,6 @@ class RowReuse:
 
     def __init__(self) -> None:
         self._last: dict[tuple[str, int, int], tuple[tuple, tuple]] = {}
-        self.built = self.reused = 0  # arrays, for tests
 
     def rows(self, phase: str, seqs: list[Sequence], R: int, H: int, rules: tuple[Suppressed, Masks], kept: list[bool]):
         """The sampled rows' arrays (of the rows whose token is kept: `kept`): penalty history,
@@ -45,29 +44,21 @@ class RowReuse:
         last = self._last.get((phase, R, H))
         if last is not None and last[0] == key:
             history, prompt_len, sampling, mask = last[1]
-            self.reused += 2
         else:
             history = mask = None
             prompt_len = np.zeros(R, np.int32)
             prompt_len[: len(seqs)] = [len(s.prompt) for s in seqs]
             sampling = host_arrays([(s.params, s.seed, suppressed(s)) for s in seqs] + [None] * (R - len(seqs)), R)
-            self.built += 2
         if history is None or any(uses_penalties(s) for s in seqs):  # it grows with every token
             history = np.full((R, H), -1, np.int32)
             for r, seq in enumerate(seqs):
                 if uses_penalties(seq):
                     tokens = seq.tokens
                     history[r, : len(tokens)] = tokens
-            self.built += 1
-        else:
-            self.reused += 1
         if mask is None or any(s.grammar is not None for s in seqs):  # it follows the output
             rows = zip(seqs, kept, strict=True)
             grammars = [(s.grammar, s.output) if s.grammar is not None and k else None for s, k in rows]
             mask = masks(grammars + [None] * (R - len(seqs)))
-            self.built += 1
-        else:
-            self.reused += 1
         arrays = (history, prompt_len, sampling, mask)
         self._last[(phase, R, H)] = (key, arrays)
         return arrays

@@ -64,7 +64,7 @@ class Buckets:
         prefill_tokens = powers_of_two(min(c.min_prefill_tokens, max_chunk), max_chunk)
         if c.max_batch == 1:  # one sequence is either prefilling or decoding: never both
             mixed = 0
-        elif c.max_num_batched_tokens is None:  # default: the largest bucket up to 32, else the smallest
+        elif c.max_num_batched_tokens is None:  # default: the largest bucket up to the default chunk, else the smallest
             mixed = max([t for t in prefill_tokens if t <= DEFAULT_MIXED_CHUNK] or prefill_tokens[:1])
         elif c.max_num_batched_tokens == 0:
             mixed = 0
