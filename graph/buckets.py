@@ -15,12 +15,19 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax
+
 from graph.api import EngineConfig
 
 # The default prompt chunk of a mixed step. Its cost lands on every running stream's inter-token
 # gap: on the 2-core CPU, SmolLM2 int8 at concurrency 8 (README), chunks of 32 against 64 cut ITL
 # p99 from 183 to 126 ms with 8% more tokens/s; 16 cut no further and lost 20% of the tokens/s.
 DEFAULT_MIXED_CHUNK = 32
+
+
+def w8a8(c: EngineConfig) -> bool:
+    """Whether the weights multiply as int8 x int8 (`--quantize int8` on CPU: graph/layout.py)."""
+    return c.quantize == "int8" and jax.default_backend() == "cpu"
 
 
 def powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
@@ -77,8 +84,12 @@ class Buckets:
                     "mixed steps"
                 )
             mixed = max(fits)
-        # data parallel: the smallest decode batch gives every data shard a row (D = 2: 2, 4, 8, ...)
-        batches = powers_of_two(min(c.data_parallel, c.max_batch), c.max_batch)
+        # data parallel: the smallest decode batch gives every data shard a row (D = 2: 2, 4, 8, ...).
+        # int8 x int8 (int8 on CPU): a one-row step's float code rounds a few values differently
+        # (XLA:CPU emits other loops for one row), int8 rounding turns that into other text, and a
+        # second row costs ~1% (`models/quant.py` pads one row to two anyway): batches start at 2.
+        smallest = max(c.data_parallel, 2 if w8a8(c) else 1)
+        batches = powers_of_two(min(smallest, c.max_batch), c.max_batch)
         return cls(
             prefill_tokens=prefill_tokens,
             decode_batch=batches,

@@ -45,10 +45,22 @@ def kv_shape(cfg: ModelConfig, num_pages: int, page_size: int) -> tuple[int, ...
     return (cfg.num_layers, cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
 
 
+def tree_sum(x: jax.Array) -> jax.Array:
+    """The sum over the last axis (kept, size 1) as a fixed tree of elementwise additions. XLA
+    orders a `reduce` by the shape around it (on CPU a row among 8 rows is summed in another order
+    than a row among 2), so a row's result would depend on its batch; an addition does not."""
+    while (n := x.shape[-1]) > 1:
+        half = n // 2
+        y = x[..., :half] + x[..., half : 2 * half]
+        x = jnp.concatenate([y[..., :1] + x[..., 2 * half :], y[..., 1:]], axis=-1) if n % 2 else y
+    return x
+
+
 def rms_norm(x: jax.Array, w: jax.Array, eps: float, plus_one: bool) -> jax.Array:
-    """RMSNorm in float32. Gemma scales by (1 + w) in float32; Llama casts back, then scales by w."""
+    """RMSNorm in float32. Gemma scales by (1 + w) in float32; Llama casts back, then scales by w.
+    The mean is a `tree_sum`: a row's norm must not depend on the rows beside it."""
     x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    normed = x32 * jax.lax.rsqrt(tree_sum(x32 * x32) / x.shape[-1] + eps)
     if plus_one:
         return (normed * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
     return w * normed.astype(x.dtype)
@@ -166,7 +178,7 @@ def paged_attention(
         m_new = jnp.maximum(m, s.max(axis=-1, keepdims=True))
         p = jnp.exp(s - m_new)
         fade = jnp.exp(m - m_new)  # 0 once a row meets its first visible key: what masked blocks added goes
-        total = total * fade + p.sum(axis=-1, keepdims=True)
+        total = total * fade + tree_sum(p)
         acc = acc * fade + jnp.einsum("kbrs,kbsd->kbrd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
         return m_new, total, acc
 

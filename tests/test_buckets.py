@@ -66,6 +66,12 @@ def test_from_config_defaults():
     assert b.max_pages == 128
 
 
+def test_int8_on_cpu_decodes_at_least_two_rows():
+    """A one-row step rounds differently on XLA:CPU; int8 makes that other text (graph/buckets.py)."""
+    assert Buckets.from_config(EngineConfig(quantize="int8")).decode_batch == (2, 4, 8, 16)
+    assert Buckets.from_config(EngineConfig(quantize="int8", max_batch=1)).decode_batch == (1,)
+
+
 def test_from_config_caps_prefill_chunks_and_minima_at_the_context_length():
     b = Buckets.from_config(
         EngineConfig(max_batch=1, max_seq_len=16, page_size=8, max_prefill_tokens=64, min_prefill_tokens=32)

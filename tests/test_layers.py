@@ -1,5 +1,6 @@
 """The blocks under the model: head-major paged attention against dense attention computed from
-the same keys and values (no cache), and int8 matrices against float32."""
+the same keys and values (no cache), int8 matrices against float32, and rows that come out the same
+bits in any batch."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.layers import KVCache, kv_slots, paged_attention, write_kv
+from models.layers import KVCache, kv_slots, paged_attention, rms_norm, write_kv
 from models.quant import _rotate, linear, quantize, rotation_block
 
 B, K, G, Dh, S, W, L = 3, 2, 3, 8, 4, 5, 2  # 3 sequences, 2 kv heads x 3 queries each, 5 pages of 4
@@ -110,3 +111,34 @@ def test_int8_linear_is_close_to_float32(act_quant, rows):
     got = np.asarray(jax.jit(linear)(jnp.asarray(x), qw))
     assert got.shape == ref.shape
     assert np.abs(got - ref).max() / np.abs(ref).max() < 0.02
+
+
+def _first_row_by_batch(fn, rows: np.ndarray, batches=(1, 2, 4, 8, 16)) -> dict[int, np.ndarray]:
+    """fn's first row of output for the first `b` rows of `rows`, one compilation per batch."""
+    jitted = jax.jit(fn)
+    return {b: np.asarray(jitted(jnp.asarray(rows[:b])))[0] for b in batches}
+
+
+def test_a_rows_norm_and_attention_are_the_same_bits_in_any_batch():
+    """Batch independence at the bit: XLA:CPU sums a `reduce` in an order that depends on the
+    shape around it (SmolLM2's 576-wide norm of a row among 8 came out 1 ulp off the same row
+    alone), and int8 activations round such an ulp into other text."""
+    rng = np.random.default_rng(4)
+    x = (rng.normal(size=(16, 576)) * 3).astype(np.float32)
+    w = rng.normal(size=576).astype(np.float32)
+    norms = _first_row_by_batch(lambda x: rms_norm(x, w, 1e-5, False), x)
+    assert all(np.array_equal(n, norms[1]) for n in norms.values())
+
+    L, K, P, S, Dh = 2, 3, 20, 16, 64
+    kv = KVCache(*(jnp.asarray(rng.normal(size=(L, K, P, S, Dh)).astype(np.float32)) for _ in range(2)))
+    q = rng.normal(size=(16, 1, 3 * K, Dh)).astype(np.float32)
+    pages = jnp.asarray(np.tile(np.arange(1, 17, dtype=np.int32), (16, 1)))  # every row the same 200 tokens
+
+    def attend(q):
+        n = q.shape[0]
+        return paged_attention(
+            q, kv, 1, pages[:n], jnp.full((n, 1), 199, jnp.int32), scale=0.125, window=0, softcap=None
+        )
+
+    outs = _first_row_by_batch(attend, q)
+    assert all(np.array_equal(o, outs[1]) for o in outs.values())
