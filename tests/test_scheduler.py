@@ -17,7 +17,7 @@ import pytest
 from graph import scheduler
 from graph.api import SamplingParams
 from graph.kv_cache import PageAllocator
-from graph.scheduler import Decode, Mixed, Prefill, Scheduler, Sequence
+from graph.scheduler import Chunk, Decode, Mixed, Prefill, Scheduler, Sequence
 
 
 def expected(prompt: list[int], max_tokens: int) -> list[int]:
@@ -410,6 +410,35 @@ def test_running_sequences_get_a_token_in_every_step_while_a_long_prompt_is_pref
         ("D", "c"),
     ]
     assert d.finished == {"a": expected([2], 8), "b": expected([3], 8), "c": expected([29], 2)}
+
+
+def test_a_burst_is_prefilled_before_its_first_prompts_decode_and_then_decodes_together():
+    d = Driver(64, page_size=4, max_batch=8, max_prefill_tokens=16, mixed_tokens=4, packed_rows=2)
+    for name in "abcd":
+        d.add(name, list(range(8)), max_tokens=3)
+    d.step()
+    d.add("e", list(range(8)), max_tokens=3)  # while the first step ran: still the burst
+    assert d.run()[:5] == [
+        ("P", "a", 0, 8, "b", 0, 8),
+        ("P", "c", 0, 8, "d", 0, 8),  # a and b wait: the rest of their burst fits in BURST_STEPS chunks
+        ("P", "e", 0, 8),
+        ("D", "a", "b", "c", "d", "e"),  # the burst decodes together
+        ("D", "a", "b", "c", "d", "e"),
+    ]
+    assert d.finished == {x: expected(list(range(8)), 3) for x in "abcde"}
+
+
+@pytest.mark.parametrize("late", [True, False], ids=["arrived-after-a-decode", "more-than-burst-steps"])
+def test_other_prompts_are_prefilled_beside_the_decode_rows(late):
+    d = Driver(64, page_size=4, max_batch=8, max_prefill_tokens=8, mixed_tokens=4, packed_rows=2)
+    a = d.add("a", list(range(8)), max_tokens=3)
+    if not late:  # more than BURST_STEPS chunks of 8: a would wait too long
+        b = d.add("b", list(range(8 * scheduler.BURST_STEPS + 1)), max_tokens=1)
+    d.step()
+    if late:  # a has decoded once
+        assert d.step() == Decode([a])
+        b = d.add("b", list(range(8)), max_tokens=1)
+    assert d.step() == Mixed(Decode([a]), Prefill((Chunk(b, 0, 4),)))
 
 
 def test_the_oldest_prompt_gets_the_chunk_of_every_mixed_step():
