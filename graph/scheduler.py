@@ -6,8 +6,8 @@ preemption of the youngest request when pages run out. Pure Python, no JAX: the 
 Order and fairness: requests are admitted first come, first served, and the oldest sequence that
 still has prompt to prefill gets a chunk in every step, so a long prompt is never starved; while
 it is prefilled, every running sequence still gets a token per step (in mixed steps, sized by
-`mixed_tokens`), except the first of a burst (below). Without mixed steps (`mixed_tokens == 0`), prefill chunks and decode steps
-alternate while both have work.
+`mixed_tokens`), except the first of a burst (below). Without mixed steps (`mixed_tokens == 0`),
+prefill chunks and decode steps alternate while both have work.
 
 Bursts: prompts that arrive together (before the first of them is scheduled to decode) are prefilled
 together, in full chunks without decode rows, as long as the rest takes at most BURST_STEPS
@@ -94,7 +94,7 @@ class Sequence:
     offered: int = 0  # leading pages offered to the prefix cache
     draft_misses: int = 0  # speculative steps in a row that kept none of its drafts
     draft_pause: int = 0  # steps to go before it drafts again (after misses)
-    burst: int = -1  # the arrival count when it was first scheduled to decode: the prompts that came before are its burst
+    burst: int = -1  # arrival count when first scheduled to decode: the prompts that came before are its burst
 
     PLACEHOLDER = -1
 
