@@ -352,8 +352,8 @@ class Scheduler:
 
     def _burst_first(self, ready: list[Sequence], prefilling: list[Sequence]) -> bool:
         """Whether the rest of a burst is prefilled before its first prompts decode: every decoding
-        sequence has only its first token, every prompt still being prefilled arrived before
-        those got theirs, and what is left fits in BURST_STEPS full chunks."""
+        sequence has only its first token, every prompt still being prefilled arrived before those
+        were first scheduled to decode, and what is left fits in BURST_STEPS full chunks."""
         if any(len(s.output) != 1 or s.burst < 0 for s in ready):
             return False
         start = min(s.burst for s in ready)
