@@ -42,13 +42,14 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
+import contextlib
 import dataclasses
 import logging
 import secrets
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from graph import compile_cache, multihost, speculative
@@ -236,6 +237,13 @@ class Engine:
     def max_seq_len(self) -> int:
         """Context length of one request: prompt plus max_tokens."""
         return self.config.max_seq_len
+
+    @contextlib.contextmanager
+    def together(self) -> Iterator[None]:
+        """Requests submitted inside reach the step thread at once, as one burst (an offline batch
+        is admitted and packed as a whole, not from whichever request the thread woke up to)."""
+        with self._lock:  # reentrant: `submit` takes it again
+            yield
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> RequestStream:
         """Queue a request; raises before anything is queued if it cannot be served."""

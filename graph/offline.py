@@ -47,7 +47,8 @@ class LLM:
         return asyncio.run(self._run(ids, per_prompt))
 
     async def _run(self, ids: list[list[int]], params: list[SamplingParams]) -> list[Completion]:
-        streams = [self.engine.submit(i, p) for i, p in zip(ids, params, strict=True)]
+        with self.engine.together():
+            streams = [self.engine.submit(i, p) for i, p in zip(ids, params, strict=True)]
         return list(await asyncio.gather(*(_collect(i, s) for i, s in zip(ids, streams, strict=True))))
 
     def shutdown(self) -> None:
