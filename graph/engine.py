@@ -241,7 +241,8 @@ class Engine:
     @contextlib.contextmanager
     def together(self) -> Iterator[None]:
         """Requests submitted inside reach the step thread at once, as one burst (an offline batch
-        is admitted and packed as a whole, not from whichever request the thread woke up to)."""
+        is admitted and packed as a whole, not from whichever request the thread woke up to). The
+        steps wait meanwhile, so a structured request's grammar is compiled with them held."""
         with self._lock:  # reentrant: `submit` takes it again
             yield
 
