@@ -89,6 +89,7 @@ class _Flight:
     decision: Prefill | Decode | Mixed
     outs: Any
     started: float
+    kind: str  # prefill | decode | speculative | mixed
 
 
 class _StepFailed(Exception):
@@ -187,7 +188,8 @@ class Engine:
         self.accepted_tokens = 0  # of which were kept
         self.host_seconds = 0.0  # the step thread's own work: scheduling aside, building, dispatching, reading
         self.wait_seconds = 0.0  # the step thread waiting for the device's results
-        self.step_kinds: collections.Counter[str] = collections.Counter()  # prefill | decode | mixed
+        self.step_kinds: collections.Counter[str] = collections.Counter()  # steps by _Flight.kind
+        self.step_kind_seconds: collections.Counter[str] = collections.Counter()  # dispatch to read, by kind
         self._thread = threading.Thread(target=self._loop, name="engine-step", daemon=True)
         self._thread.start()
         # stop the step thread before the interpreter tears down the runtime under it
@@ -362,6 +364,8 @@ class Engine:
             "pages_cached": self.allocator.num_cached,
             "prompt_tokens": self.scheduler.prompt_tokens,
             "prefix_cached_tokens": self.scheduler.cached_tokens,
+            "steps_by_kind": dict(self.step_kinds),
+            "step_seconds_by_kind": dict(self.step_kind_seconds),
         }
 
     def reset_prefix_cache(self) -> None:
@@ -479,7 +483,8 @@ class Engine:
         key, inputs = build_step(
             decision, self.buckets, self.max_seq_len, self.outputs.suppressed, self._masks, self.row_reuse
         )
-        self.step_kinds[key[0]] += 1
+        kind = "speculative" if key[0] == "decode" and key[2] > 1 else key[0]
+        self.step_kinds[kind] += 1
         if self.channel is not None:
             self.channel.publish("step", list(key), inputs)
         state, outs = self.table.get(key)(self.params, self.state, inputs)
@@ -496,7 +501,7 @@ class Engine:
             if chunk.final and chunk.seq.params.max_tokens:
                 chunk.seq.expect(carry_offset("prefill", size) + row)
         self.host_seconds += time.monotonic() - started
-        return _Flight(decision, outs, started)
+        return _Flight(decision, outs, started, kind)
 
     def _resolve(self, flight: _Flight) -> None:
         """Read a dispatched step's tokens and hand out its deltas."""
@@ -511,6 +516,7 @@ class Engine:
             self._after_prefill(prefill, outs.pop(0))
         done = time.monotonic()
         self.host_seconds += done - read
+        self.step_kind_seconds[flight.kind] += done - flight.started
         self.estimator.step(type(flight.decision).__name__.lower(), done - flight.started)
 
     def _init_state(self):

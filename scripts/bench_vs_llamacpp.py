@@ -102,14 +102,24 @@ def counters(url: str) -> dict[str, float]:
     import httpx
 
     text = httpx.get(url.removesuffix("/v1") + "/metrics", timeout=30).text
-    return {n: float(line.split()[-1]) for line in text.splitlines() for n in COUNTERS if line.startswith(n + " ")}
+    found = {n: float(line.split()[-1]) for line in text.splitlines() for n in COUNTERS if line.startswith(n + " ")}
+    for line in text.splitlines():  # by kind: 'steps prefill', 'seconds prefill', ...
+        if m := re.match(r'xlaserve_engine_step(s|_seconds)_by_kind_total\{kind="(\w+)"\} (\S+)$', line):
+            found[f"{'steps' if m[1] == 's' else 'seconds'} {m[2]}"] = float(m[3])
+    return found
 
 
 def split(before: dict[str, float], after: dict[str, float]) -> str:
     """Per step of a run: the step thread's host time and its wait for the device, in ms."""
     steps = after[COUNTERS[0]] - before[COUNTERS[0]]
     host, wait, ahead, drafts, kept = ((after[n] - before[n]) for n in COUNTERS[1:])
-    return (f"{steps:.0f} steps, host {1000 * host / steps:.1f} ms/step, waiting for the device "
+    kinds = sorted(k.split()[1] for k in after if k.startswith("steps "))
+    by_kind = ", ".join(
+        f"{kind} {n:.0f} x {1000 * (after[f'seconds {kind}'] - before.get(f'seconds {kind}', 0)) / n:.0f} ms"
+        for kind in kinds
+        if (n := after[f"steps {kind}"] - before.get(f"steps {kind}", 0))
+    )
+    return (f"{steps:.0f} steps ({by_kind}), host {1000 * host / steps:.1f} ms/step, waiting for the device "
             f"{1000 * wait / steps:.1f} ms/step, {100 * ahead / steps:.0f}% dispatched ahead, "
             f"{kept:.0f} of {drafts:.0f} draft tokens kept")  # fmt: skip
 

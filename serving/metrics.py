@@ -46,6 +46,16 @@ _ENGINE_COUNTERS = {
     "grammar_mask_seconds": ("xlaserve_grammar_mask_seconds", "Host time spent on structured-output token masks"),
 }
 
+# engine steps by kind: prefill, decode, speculative (a decode step with drafts), mixed
+_BY_KIND = (
+    ("steps_by_kind", "xlaserve_engine_steps_by_kind", "Engine steps by kind"),
+    (
+        "step_seconds_by_kind",
+        "xlaserve_engine_step_seconds_by_kind",
+        "Engine step time by kind, from dispatch to its tokens handed out",
+    ),
+)
+
 
 class _EngineCollector(Collector):
     def __init__(self, stats: Callable[[], dict[str, float] | None]) -> None:
@@ -59,6 +69,11 @@ class _EngineCollector(Collector):
             yield GaugeMetricFamily(name, doc, value=stats[key])
         for key, (name, doc) in _ENGINE_COUNTERS.items():
             yield CounterMetricFamily(name, doc, value=stats[key])
+        for key, name, doc in _BY_KIND:
+            family = CounterMetricFamily(name, doc, labels=["kind"])
+            for kind, value in sorted(stats[key].items()):
+                family.add_metric([kind], value)
+            yield family
         rate = stats["prefix_cached_tokens"] / stats["prompt_tokens"] if stats["prompt_tokens"] else 0.0
         yield GaugeMetricFamily(
             "xlaserve_prefix_cache_hit_rate", "Prompt tokens taken from the prefix cache / prompt tokens", value=rate

@@ -307,9 +307,10 @@ def sse_events(lines: Iterator[str]) -> list[Any]:
 
 
 def engine_metrics(url: str) -> dict[str, float]:
-    """Every sample of /metrics without labels, by name (e.g. xlaserve_kv_pages_used)."""
+    """Every sample of /metrics by name and labels (xlaserve_kv_pages_used,
+    xlaserve_engine_steps_by_kind_total{kind="prefill"})."""
     text = httpx.get(url + "/metrics", timeout=30).text
-    return {m[1]: float(m[2]) for m in re.finditer(r"^(\w+) (\S+)$", text, re.MULTILINE)}
+    return {m[1]: float(m[2]) for m in re.finditer(r"^(\w+(?:\{[^}]*\})?) (\S+)$", text, re.MULTILINE)}
 
 
 def wait_idle(url: str, timeout: float = 30) -> dict[str, float]:

@@ -86,6 +86,9 @@ def test_a_repeated_prompt_is_served_from_the_prefix_cache(openai_client, server
     hits = after["xlaserve_prefix_cache_hit_tokens"] - before["xlaserve_prefix_cache_hit_tokens"]
     assert hits >= second.usage.prompt_tokens_details.cached_tokens
     assert 0 < after["xlaserve_prefix_cache_hit_rate"] <= 1
+    prefills = 'xlaserve_engine_steps_by_kind_total{kind="prefill"}'
+    assert after[prefills] >= before.get(prefills, 0) + 2  # each request's prompt had a step of its own
+    assert after['xlaserve_engine_step_seconds_by_kind_total{kind="prefill"}'] > 0
 
 
 # ---- sampling parameters -------------------------------------------------------------------------
