@@ -15,13 +15,31 @@ from typing import Any
 
 
 def field_comments(cls: type) -> dict[str, str]:
-    """The `# comment` beside each field in the class source: the options' help text."""
+    """Each field's comment in the class source, the options' help text: the `# comment` beside
+    it (or beside its value, where a formatter wrapped it in parentheses), else the comment lines
+    right above it."""
     try:
         source = inspect.getsource(cls)
     except (OSError, TypeError):  # no source (frozen app): options without help text
         return {}
-    pattern = re.compile(r"^\s+(\w+)\s*:[^#]*#\s*(.+)$")
-    return {m[1]: m[2].strip() for m in map(pattern.match, source.splitlines()) if m}
+    field = re.compile(r"^\s+(\w+)\s*:[^#]*?(?:#\s*(.+))?$")
+    out: dict[str, str] = {}
+    above: list[str] = []
+    lines = source.splitlines()
+    for i, line in enumerate(lines):
+        if line.strip().startswith("#"):
+            above.append(line.strip().removeprefix("#").strip())
+            continue
+        m = field.match(line)
+        if m and not line.rstrip().endswith(":"):  # not a method or a nested block
+            beside = m[2]
+            if beside is None and line.rstrip().endswith("(") and i + 1 < len(lines) and "#" in lines[i + 1]:
+                beside = lines[i + 1].split("#", 1)[1]
+            text = beside.strip() if beside else " ".join(above)
+            if text:
+                out[m[1]] = text
+        above = []
+    return out
 
 
 def _scalar_type(hint: Any) -> tuple[type, bool]:

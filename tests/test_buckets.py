@@ -129,6 +129,9 @@ def test_the_mixed_chunk_is_the_largest_prefill_bucket_beside_a_full_batch(budge
 
 def test_default_mixed_chunks_are_32_tokens_or_the_smallest_bucket_and_none_for_one_sequence():
     assert Buckets.from_config(EngineConfig()).mixed_tokens == 32
+    # a speculative row feeds 1 + K tokens: the chunk grows with it (the largest bucket up to 32 (1 + K))
+    assert Buckets.from_config(EngineConfig(num_speculative_tokens=4)).mixed_tokens == 128
+    assert Buckets.from_config(EngineConfig(num_speculative_tokens=1)).mixed_tokens == 64
     big = EngineConfig(max_batch=4, min_prefill_tokens=128, max_prefill_tokens=512)
     assert Buckets.from_config(big).mixed_tokens == 128
     assert Buckets.from_config(dataclasses.replace(big, max_batch=1)).mixed_keys() == []
