@@ -16,9 +16,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import jax
-
 from graph.api import EngineConfig
+from graph.layout import int8_activations
 
 # The default prompt chunk of a mixed step. Its cost lands on every running stream's inter-token
 # gap: on the 2-core CPU, SmolLM2 int8 at concurrency 8 (README), chunks of 32 against 64 cut ITL
@@ -32,7 +31,7 @@ DEFAULT_MIXED_CHUNK = 32
 
 def w8a8(c: EngineConfig) -> bool:
     """Whether the weights multiply as int8 x int8 (`--quantize int8` on CPU: graph/layout.py)."""
-    return c.quantize == "int8" and jax.default_backend() == "cpu"
+    return c.quantize == "int8" and int8_activations()
 
 
 def powers_of_two(lo: int, hi: int) -> tuple[int, ...]:

@@ -35,11 +35,17 @@ def layer_loop(config: EngineConfig) -> str:
     return "layered" if jax.default_backend() == "cpu" else "scan"
 
 
+def int8_activations() -> bool:
+    """Whether int8 weights multiply int8 activations (W8A8: XLA:CPU runs int8 x int8 with
+    YNNPACK) rather than being dequantized into the product (GPU/TPU fuse that): models/quant.py."""
+    return jax.default_backend() == "cpu"
+
+
 def weight_options(config: EngineConfig) -> dict[str, Any]:
     return {
         "unrolled": layer_loop(config) in ("unroll", "layered"),
         "quantize": None if config.quantize == "none" else config.quantize,
-        "act_quant": jax.default_backend() == "cpu",
+        "act_quant": int8_activations(),
     }
 
 
