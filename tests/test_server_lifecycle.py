@@ -199,12 +199,9 @@ def test_help_lists_every_option_with_its_default():
             default = getattr(cls(), field.name)
             flag = "--" + field.name.replace("_", "-")
             entry = options[options.index(flag + ("," if isinstance(default, bool) else " ")) :]
-            entry = entry[: entry.index("(default:") + 1]
-            helped = re.sub(r"^--\S+( [A-Z_]+)?(, --\S+)? ", "", entry)  # what the help says before the default
+            helped = re.sub(r"^--\S+( [A-Z_]+)?(, --\S+)? ", "", entry.partition("(default:")[0])
             assert len(helped) > 10, f"{flag} has no help text"
-            assert re.search(r"\(default: ([^)]*)\)", options[options.index(entry) :])[1] == (
-                "none" if default is None else str(default)
-            ), flag
+            assert re.search(r"\(default: ([^)]*)\)", entry)[1] == ("none" if default is None else str(default)), flag
 
 
 def _connect_when_listening(aot_dir: Path) -> bytes:

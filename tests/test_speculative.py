@@ -127,9 +127,8 @@ def test_speculative_steps_stream_what_one_token_steps_stream(smol_llm, speculat
     kept = stats["spec_accepted_tokens"] - before["spec_accepted_tokens"]
     drafted = stats["spec_draft_tokens"] - before["spec_draft_tokens"]
     assert 0 < kept < drafted, "drafts should be both kept (the loop) and rejected (the story)"
-    spec_steps = stats["steps_by_kind"]["speculative"] - before["steps_by_kind"].get("speculative", 0)
-    assert 0 < spec_steps <= stats["steps_by_kind"]["speculative"]
-    assert stats["step_seconds_by_kind"]["speculative"] > 0
+    for counter in ("steps_by_kind", "step_seconds_by_kind"):  # the steps that kept drafts were counted as such
+        assert stats[counter]["speculative"] > before[counter].get("speculative", 0), counter
     # several tokens came in one delta: fewer deltas than tokens
     assert sum(len(d) for d in on) < sum(len(d) for d in off)
 
