@@ -30,7 +30,11 @@ def _dense_attention(q, k, v, length, scale, window):
 
 @pytest.mark.parametrize("window", [0, 5])
 @pytest.mark.parametrize("layer", [1, "traced"])
-def test_head_major_paged_attention_equals_dense_attention(window, layer):
+@pytest.mark.parametrize("last", [None, 1, 5], ids=["prompt", "decode", "verify"])
+def test_head_major_paged_attention_equals_dense_attention(window, layer, last):
+    """Every position of each sequence (a prompt: scores are a dot), or only its `last` ones
+    with the rest already cached (decode and speculative rows: few queries, scores are a
+    multiply-and-sum), against a plain softmax."""
     rng = np.random.default_rng(0)
     T = max(LENGTHS)
     q = rng.normal(size=(B, T, K * G, Dh)).astype(np.float32)
@@ -49,12 +53,18 @@ def test_head_major_paged_attention_equals_dense_attention(window, layer):
         slots = kv_slots(pages, positions, cache.page_size)
         flat = (-1, *k.shape[2:])
         cache = KVCache(write_kv(cache.k, lay, k.reshape(flat), slots), write_kv(cache.v, lay, v.reshape(flat), slots))
-        return paged_attention(q, cache, lay, pages, positions, scale=0.3, window=window, softcap=None)
+        if last is None:
+            return paged_attention(q, cache, lay, pages, positions, scale=0.3, window=window, softcap=None)
+        ends = np.array(LENGTHS)[:, None] - last + np.arange(last)  # each row's last positions
+        q_last = jnp.take_along_axis(jnp.asarray(q), jnp.asarray(ends)[:, :, None, None], axis=1)
+        return paged_attention(q_last, cache, lay, pages, jnp.asarray(ends, jnp.int32), scale=0.3, window=window,
+                               softcap=None)  # fmt: skip
 
     out = np.asarray(run(jnp.int32(1)))
     for b, n in enumerate(LENGTHS):
         ref = _dense_attention(q[b], k[b], v[b], n, 0.3, window)
-        np.testing.assert_allclose(out[b, :n], ref[:n], atol=1e-5, rtol=1e-5)
+        got, want = (out[b, :n], ref[:n]) if last is None else (out[b], ref[n - last : n])
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("window", [0, 5])
