@@ -153,7 +153,7 @@ def paged_attention(
     batched dot of a few rows per (KV head, sequence) far below its speed, and this form fuses
     (SmolLM2, 30 layers, attention alone: batch 8 at 250 tokens of context 19 -> 12 ms, batch 32
     146 -> 86 ms; a whole int8 decode step of batch 16 74 -> 64 ms, a speculative one 160 -> 132
-    ms). The same values to the bit here, and a row's sum does not depend on the batch
+    ms). Values agree with the dot to float rounding, and a row's sum does not depend on the batch
     (tests/test_layers.py). The weighted sum of values stays a dot: as a multiply and a sum over
     the keys' axis, XLA:CPU rounds a row differently in batches of 8 and more."""
     B, T, H, Dh = q.shape
