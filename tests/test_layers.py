@@ -67,6 +67,28 @@ def test_head_major_paged_attention_equals_dense_attention(window, layer, last):
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("window", [0, 300])
+def test_a_chunk_after_a_long_context_equals_dense_attention(window):
+    """The last 40 tokens of a 700-token sequence, the rest already cached: the context before the
+    chunk goes in wide blocks (`WIDE_BLOCK`), the rest in ordinary ones, under a sliding window too."""
+    rng = np.random.default_rng(5)
+    n, T, S, W = 700, 40, 16, 48
+    k, v = (rng.normal(size=(n, K, Dh)).astype(np.float32) for _ in range(2))
+    q = rng.normal(size=(1, T, K * G, Dh)).astype(np.float32)
+    pages = rng.permutation(np.arange(1, 1 + W))[None].astype(np.int32)
+    cache = KVCache(*(jnp.zeros((L, K, 1 + W, S, Dh)) for _ in range(2)))
+    slots = kv_slots(pages, np.arange(n, dtype=np.int32)[None], S)
+    cache = KVCache(write_kv(cache.k, 1, jnp.asarray(k), slots), write_kv(cache.v, 1, jnp.asarray(v), slots))
+    positions = np.arange(n - T, n, dtype=np.int32)[None]
+    out = np.asarray(paged_attention(q, cache, 1, pages, positions, scale=0.3, window=window, softcap=None))
+    for t, pos in enumerate(positions[0]):
+        lo = max(0, pos - window + 1) if window else 0
+        for h in range(K * G):
+            s = (k[lo : pos + 1, h // G] @ q[0, t, h]) * 0.3
+            p = np.exp(s - s.max())
+            np.testing.assert_allclose(out[0, t, h], (p / p.sum()) @ v[lo : pos + 1, h // G], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("window", [0, 5])
 def test_sequences_packed_in_one_row_attend_only_to_themselves(window):
     """The three sequences one after another in a single row (a packed prefill chunk), each
