@@ -1,7 +1,8 @@
 """A multi-turn chat replay: 10 turns, each re-sending the whole conversation so far plus a new
 user message (~50 words), streaming, greedy, 64 output tokens per turn. Prints the time to first
 token of every turn; with prefix caching the history's pages are reused, so turn 10's TTFT stays
-close to turn 1's instead of growing with the history.
+close to turn 1's instead of growing with the history. `--repeat N` replays N conversations (other
+words each time) and reports each turn's median TTFT: one replay's turn is a single sample.
 
     .venv/bin/python scripts/bench_multiturn.py --ours "" --ours=--no-enable-prefix-caching
 """
@@ -12,6 +13,7 @@ import argparse
 import json
 import random
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -74,14 +76,17 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--words", type=int, default=50)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=1, help="conversations per flag set (median TTFT per turn)")
     args = parser.parse_args()
     rows = []
     for flags in args.ours or [""]:
         with xlaserve(args.model, shlex.split(flags)) as url:
             replay(url, 2, args.words, args.max_tokens, seed=99)  # warm up
-            ttfts = replay(url, args.turns, args.words, args.max_tokens, seed=1)
+            runs = [replay(url, args.turns, args.words, args.max_tokens, seed=1 + i) for i in range(args.repeat)]
+        ttfts = [statistics.median(turn) for turn in zip(*runs, strict=True)]
         rows.append((flags or "(defaults)", ttfts))
         print(flags, json.dumps([round(t * 1000) for t in ttfts]), flush=True)
+    print(f"\nmedian of {args.repeat} conversation(s) per turn")
     print(f"\n| xlaserve flags | TTFT turn 1 ms | TTFT turn {args.turns} ms | ratio | every turn (ms) |")
     print("|---|---|---|---|---|")
     for flags, t in rows:
