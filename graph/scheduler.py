@@ -11,9 +11,10 @@ prefill chunks and decode steps alternate while both have work.
 
 Bursts: prompts that arrive together (before the first of them is scheduled to decode) are prefilled
 together, in full chunks without decode rows, as long as the rest takes at most BURST_STEPS
-steps; the first of them wait once for the others, and the burst then decodes in step, with no
-mixed steps in its inter-token gaps. A prompt that arrives later is prefilled beside the decode
-rows as above.
+steps. Each is prefilled but its last token ("parked"), and one decode step then feeds every last
+token: the burst's first tokens come out together (as where a server prefills a whole batch in one
+step) and the burst decodes in step, with no stall after a first token and no mixed steps in its
+inter-token gaps. A prompt that arrives later is prefilled beside the decode rows as above.
 
 Packing: what the oldest prompt leaves of a step's chunk budget goes to the next prompts in
 arrival order (up to `packed_rows` prompts in one chunk, the last one possibly cut), so several
@@ -63,10 +64,13 @@ _arrivals = itertools.count()
 
 
 # A burst: prompts that arrive together (a client's batch, a closed loop's next round). Once the
-# first of them have their first token, the rest are still prefilled in full chunks before any of
-# them decodes, if that takes at most this many steps: the burst then decodes together, and no
-# later token of it waits behind a mixed step's chunk (on the 2-core CPU, SmolLM2 int8: a mixed
-# step with 32 prompt tokens is 1.85x a decode step of 8). Their first decode waits once instead.
+# first of them are parked (prefilled but their last token), the rest are still prefilled in full
+# chunks before any of them decodes, if that takes at most this many steps: the burst then decodes
+# together, and no later token of it waits behind a mixed step's chunk (on the 2-core CPU, SmolLM2
+# int8: a mixed step with 32 prompt tokens is 1.85x a decode step of 8). Their first tokens come
+# out together after the burst's prefill: the first of them had come out one step in, then waited
+# for the rest of the burst (SmolLM2 int8, concurrency 8, a closed loop: 0.1-1.3 s), which made
+# the longest inter-token gaps of such a load.
 BURST_STEPS = 4
 
 # A step's fixed cost, in prompt tokens: dispatching the executables, sampling, reading back. A
@@ -347,14 +351,16 @@ class Scheduler:
         if not prefilling:
             return self._decode(ready, look_ahead)
         if not ready or self._burst_first(ready, prefilling):
-            return self._fit(self._chunk(prefilling, self.max_prefill_tokens))
+            park = len(prefilling) + len(ready) > 1  # a burst: its first tokens come out in one step
+            return self._fit(self._chunk(prefilling, self.max_prefill_tokens, park))
         return Mixed(Decode(ready), self._chunk(prefilling, self.mixed_tokens))
 
     def _burst_first(self, ready: list[Sequence], prefilling: list[Sequence]) -> bool:
         """Whether the rest of a burst is prefilled before its first prompts decode: every decoding
-        sequence has only its first token, every prompt still being prefilled arrived before those
-        were first scheduled to decode, and what is left fits in BURST_STEPS full chunks."""
-        if any(len(s.output) != 1 or s.burst < 0 for s in ready):
+        sequence is parked (its prompt but the last token computed) or has only its first token,
+        every prompt still being prefilled arrived before those were first scheduled to decode, and
+        what is left fits in BURST_STEPS full chunks."""
+        if any(len(s.output) > 1 or s.burst < 0 for s in ready):
             return False
         start = min(s.burst for s in ready)
         left = sum(s.pending for s in prefilling)
@@ -392,17 +398,24 @@ class Scheduler:
             draft = draft[: len(seq.pages) * self.page_size - seq.computed - 1]
         return tuple(draft)
 
-    def _chunk(self, prefilling: list[Sequence], limit: int) -> Prefill:
-        """The oldest prompt's next chunk, and what it leaves of `limit` packed with the next ones."""
+    def _chunk(self, prefilling: list[Sequence], limit: int, park: bool = False) -> Prefill:
+        """The oldest prompt's next chunk, and what it leaves of `limit` packed with the next ones.
+        `park`: each prompt stops before its last token, which a decode step feeds later (a burst's
+        first tokens then come out together, not a whole burst's prefill before each one's second);
+        not a prompt that wants prompt logprobs, which are read from its prefill."""
+
+        def left(seq: Sequence) -> int:
+            return seq.pending - 1 if park and seq.params.prompt_logprobs is None else seq.pending
+
         first, *rest = sorted(prefilling, key=lambda s: s.arrival)
-        chunks = [Chunk(first, first.computed, min(first.pending, limit))]
+        chunks = [Chunk(first, first.computed, min(left(first), limit))]
         budget = limit - chunks[0].length
         pages = self.pages_for(first.computed + chunks[0].length)
         bound = max(pages, self.packed_pages(limit))
         for seq in rest:
             if budget <= 0 or len(chunks) == self.packed_rows:
                 break
-            n = min(seq.pending, budget)
+            n = min(left(seq), budget)
             more = self.pages_for(seq.computed + n)
             if pages + more <= bound:
                 chunks.append(Chunk(seq, seq.computed, n))

@@ -404,25 +404,25 @@ def test_running_sequences_get_a_token_in_every_step_while_a_long_prompt_is_pref
     d.step()
     d.add("c", list(range(30)), max_tokens=2)  # 30 tokens: chunks of 4 beside the decode rows
     assert d.run() == [
-        ("M", "b", "+", "a"),  # b's one-token prompt decodes at once, beside a's prompt
-        *[("M", "a", "b", "+", "c")] * 7,  # c: 7 chunks of 4, and a token for a and b in each step
-        ("P", "c", 28, 2),  # a and b are done: c's last chunk alone
+        ("P", "a", 0, 1),  # a and b came together: a's prompt but its last token, then they decode together
+        *[("M", "a", "b", "+", "c")] * 8,  # c: chunks of 4, 4, ..., 2, and a token for a and b in each step
         ("D", "c"),
     ]
     assert d.finished == {"a": expected([2], 8), "b": expected([3], 8), "c": expected([29], 2)}
 
 
-def test_a_burst_is_prefilled_before_its_first_prompts_decode_and_then_decodes_together():
+def test_a_burst_is_prefilled_first_and_its_first_tokens_come_out_together():
     d = Driver(64, page_size=4, max_batch=8, max_prefill_tokens=16, mixed_tokens=4, packed_rows=2)
     for name in "abcd":
         d.add(name, list(range(8)), max_tokens=3)
     d.step()
     d.add("e", list(range(8)), max_tokens=3)  # while the first step ran: still the burst
-    assert d.run()[:5] == [
-        ("P", "a", 0, 8, "b", 0, 8),
-        ("P", "c", 0, 8, "d", 0, 8),  # a and b wait: the rest of their burst fits in BURST_STEPS chunks
-        ("P", "e", 0, 8),
-        ("D", "a", "b", "c", "d", "e"),  # the burst decodes together
+    assert d.run() == [
+        ("P", "a", 0, 7, "b", 0, 7),  # each prompt but its last token: nobody's first token yet
+        ("P", "c", 0, 7, "d", 0, 7),  # a and b wait: the rest of their burst fits in BURST_STEPS chunks
+        ("P", "e", 0, 7),
+        ("D", "a", "b", "c", "d", "e"),  # every last prompt token: the burst's first tokens, together
+        ("D", "a", "b", "c", "d", "e"),
         ("D", "a", "b", "c", "d", "e"),
     ]
     assert d.finished == {x: expected(list(range(8)), 3) for x in "abcde"}
@@ -432,13 +432,13 @@ def test_a_burst_is_prefilled_before_its_first_prompts_decode_and_then_decodes_t
 def test_other_prompts_are_prefilled_beside_the_decode_rows(late):
     d = Driver(64, page_size=4, max_batch=8, max_prefill_tokens=8, mixed_tokens=4, packed_rows=2)
     a = d.add("a", list(range(8)), max_tokens=3)
-    if not late:  # more than BURST_STEPS chunks of 8: a would wait too long
-        b = d.add("b", list(range(8 * scheduler.BURST_STEPS + 1)), max_tokens=1)
-    d.step()
+    if not late:  # more than BURST_STEPS chunks of 8 after the first step: a would wait too long
+        b = d.add("b", list(range(8 * scheduler.BURST_STEPS + 2)), max_tokens=1)
+    d.step()  # a parked beside b's first token, or (late) a alone
     if late:  # a has decoded once
         assert d.step() == Decode([a])
         b = d.add("b", list(range(8)), max_tokens=1)
-    assert d.step() == Mixed(Decode([a]), Prefill((Chunk(b, 0, 4),)))
+    assert d.step() == Mixed(Decode([a]), Prefill((Chunk(b, 0 if late else 1, 4),)))
 
 
 def test_the_oldest_prompt_gets_the_chunk_of_every_mixed_step():
