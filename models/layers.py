@@ -180,12 +180,14 @@ def paged_attention(
     k_rows, v_rows = kv.k.reshape(L * K * P, S * Dh), kv.v.reshape(L * K * P, S * Dh)
     few = T * G <= FEW_QUERIES and (T == 1 or B > 1)  # one speculative row: the dots are faster (3.9 vs 7.8 ms)
 
-    def block(bp: int):
+    def block(n: int):
+        """The loop body over blocks of `n` pages."""
+
         def body(i, carry):
             m, total, acc = carry
-            rows = heads + jax.lax.dynamic_slice_in_dim(page_table, i * bp, bp, axis=1)[None]  # [K, B, bp]
-            k = k_rows[rows].reshape(K, B, bp * S, Dh)
-            v = v_rows[rows].reshape(K, B, bp * S, Dh)
+            rows = heads + jax.lax.dynamic_slice_in_dim(page_table, i * n, n, axis=1)[None]  # [K, B, n]
+            k = k_rows[rows].reshape(K, B, n * S, Dh)
+            v = v_rows[rows].reshape(K, B, n * S, Dh)
             if few:
                 f32 = jnp.float32
                 s = (qg.astype(f32)[:, :, :, None, :] * k.astype(f32)[:, :, None, :, :]).sum(-1) * scale
@@ -193,7 +195,7 @@ def paged_attention(
                 s = jnp.einsum("kbrd,kbsd->kbrs", qg, k, preferred_element_type=jnp.float32) * scale
             if softcap:
                 s = jnp.tanh(s / softcap) * softcap
-            key_pos = i * bp * S + jnp.arange(bp * S, dtype=jnp.int32)  # row positions
+            key_pos = i * n * S + jnp.arange(n * S, dtype=jnp.int32)  # row positions
             mask = (key_pos <= query_pos) & (key_pos >= start)
             mask &= (window <= 0) | (key_pos > query_pos - window)
             s = jnp.where(mask, s, _MASKED)
@@ -217,8 +219,7 @@ def paged_attention(
         below = jnp.minimum(lowest, jnp.max(row_pos)) // (wide * bp * S)  # -1: no query in the row
         begin = first // wide
         carry = jax.lax.fori_loop(begin, jnp.maximum(below, begin), block(wide * bp), carry)
-        first = jnp.maximum(first, below * wide)
-        last = jnp.maximum(last, first)
+        first = jnp.maximum(first, below * wide)  # never past `last`: `below` is at most the last query's block
     _, total, acc = jax.lax.fori_loop(first, last + 1, block(bp), carry)
     out = (acc / total).astype(q.dtype)  # [K, B, T*G, Dh]
     return out.reshape(K, B, T, G, Dh).transpose(1, 2, 0, 3, 4).reshape(B, T, H, Dh)
