@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m graph.aot") -> No
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="alias, Hugging Face directory, .gguf file or hub id")
     parser.add_argument("--out", required=True, help="artifact directory to write")
-    add_options(parser, EngineConfig, skip=("aot_dir",), choices={"dtype": tuple(DTYPES)})
+    choices = {"dtype": tuple(DTYPES), "kv_cache_dtype": ("auto", *DTYPES)}
+    add_options(parser, EngineConfig, skip=("aot_dir",), choices=choices)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = build(EngineConfig, vars(args))

@@ -69,7 +69,7 @@ from graph.buckets import Buckets
 from graph.checkpoint import check_weights, load_weights
 from graph.executables import ExecutableTable
 from graph.kv_cache import PageAllocator, kv_bytes_per_page, plan_num_pages
-from graph.layout import check_mesh, pipelined
+from graph.layout import check_mesh, kv_dtype, pipelined
 from graph.outputs import OutputProcessor, merged
 from graph.sampling import MAX_LOGIT_BIAS, MAX_SUPPRESS
 from graph.scheduler import Decode, Mixed, Prefill, Scheduler, Sequence, parts, uses_penalties
@@ -152,7 +152,8 @@ class Engine:
             max_batch=config.max_batch,
             max_prefill_tokens=self.buckets.prefill_tokens[-1],
             mixed_tokens=self.buckets.mixed_tokens,
-            salt=f"{model.fingerprint}/{model.dtype}/{config.quantize}".encode(),
+            # what makes a page's KV: the model, its dtype, the quantization, the KV values' dtype
+            salt=f"{model.fingerprint}/{model.dtype}/{config.quantize}/{kv_dtype(config, model.dtype)}".encode(),
             packed_rows=PACKED_ROWS,
             max_pages=self.buckets.max_pages,
             chunk_sizes=self.buckets.prefill_tokens,
@@ -195,11 +196,12 @@ class Engine:
         # stop the step thread before the interpreter tears down the runtime under it
         atexit.register(self.shutdown, 0.0)
         log.info(
-            "KV cache: %d pages of %d tokens = %d tokens of context (%.0f MiB)",
+            "KV cache: %d pages of %d tokens = %d tokens of context (%.0f MiB of %s)",
             table.num_pages - 1,
             config.page_size,
             (table.num_pages - 1) * config.page_size,
-            table.num_pages * kv_bytes_per_page(model.cfg, config.page_size, model.dtype) / 2**20,
+            table.num_pages * kv_bytes_per_page(model.cfg, config.page_size, kv_dtype(config, model.dtype)) / 2**20,
+            kv_dtype(config, model.dtype),
         )
 
     # ---- construction ----

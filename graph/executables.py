@@ -32,7 +32,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from graph import compile_cache, executable_io, sharding
 from graph.api import ArtifactMismatchError, EngineConfig
 from graph.buckets import Buckets
-from graph.layout import layer_loop, mesh_of
+from graph.layout import kv_dtype, layer_loop, mesh_of
 from graph.programs import INIT_KV, Key, StepProgram, lowerings, sharded_inputs, unit_names
 from graph.step import State, StepInputs, carry_size
 from models.config import ModelConfig
@@ -366,6 +366,7 @@ def identity(fingerprint: str, dtype: str, config: EngineConfig, buckets: Bucket
         "max_seq_len": config.max_seq_len,
         "layer_loop": layer_loop(config),
         "quantize": config.quantize,
+        "kv_cache_dtype": kv_dtype(config, dtype),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "step_inputs": list(StepInputs._fields),  # what every step takes (e.g. the grammar mask)
     }

@@ -22,7 +22,7 @@ import numpy as np
 from graph.api import EngineConfig
 from graph.buckets import Buckets
 from graph.executables import lower
-from graph.layout import abstract_device_weights, mesh_of, weight_bytes, weight_bytes_per_device
+from graph.layout import abstract_device_weights, kv_dtype, mesh_of, weight_bytes, weight_bytes_per_device
 from models.config import ModelConfig
 from models.params import DTYPES
 
@@ -234,7 +234,7 @@ def plan_num_pages(model: LoadedModel, config: EngineConfig, buckets: Buckets) -
     temps = {n: _temp_bytes(p.compile()) for n, p in probes.items()}
     owner = max(temps, key=temps.get)
     temp = temps[owner]
-    per_page = kv_bytes_per_page(model.cfg, config.page_size, model.dtype)
+    per_page = kv_bytes_per_page(model.cfg, config.page_size, kv_dtype(config, model.dtype))
     full_batch = (config.max_batch * buckets.max_pages + 1) * per_page
     mesh = mesh_of(config)
     if all(d.platform == "cpu" for d in mesh.devices.flat):  # host memory: the loaded weights
@@ -259,4 +259,5 @@ def _temp_bytes(compiled: Any) -> int:
 
 
 def kv_bytes_per_page(cfg: ModelConfig, page_size: int, dtype: str) -> int:
+    """Bytes of one page in every layer's K and V, of values in `dtype` (packed or not: the same)."""
     return 2 * cfg.num_layers * page_size * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(DTYPES[dtype]).itemsize

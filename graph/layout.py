@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 from graph import sharding
 from graph.api import EngineConfig
 from models.config import ModelConfig
+from models.layers import PACKED_BF16
 from models.params import DTYPES, Weights, abstract_weights, compute_axes, prepare
 
 
@@ -26,6 +27,20 @@ def pipelined(config: EngineConfig) -> bool:
     if config.pipeline != "auto":
         return config.pipeline == "on"
     return jax.default_backend() != "cpu"
+
+
+def kv_dtype(config: EngineConfig, model_dtype: str) -> str:
+    """The KV pool's values: `kv_cache_dtype`, where auto is the model's dtype."""
+    return model_dtype if config.kv_cache_dtype == "auto" else config.kv_cache_dtype
+
+
+def kv_storage(config: EngineConfig, model_dtype: str) -> tuple[Any, bool]:
+    """(the pool's dtype, packed): bfloat16 values sit in pairs in 32-bit words on CPU, whose
+    gather of 16-bit rows is ~100x slower (models/layers.py `PACKED_BF16`)."""
+    dtype = kv_dtype(config, model_dtype)
+    if dtype == "bfloat16" and jax.default_backend() == "cpu":
+        return PACKED_BF16, True
+    return DTYPES[dtype], False
 
 
 def layer_loop(config: EngineConfig) -> str:

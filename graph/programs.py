@@ -30,7 +30,7 @@ from jax.sharding import Mesh
 from graph import sharding
 from graph.api import EngineConfig
 from graph.buckets import Buckets
-from graph.layout import abstract_device_weights, layer_loop, mesh_of
+from graph.layout import abstract_device_weights, kv_storage, layer_loop, mesh_of
 from graph.step import Key, State, StepInputs, abstract_inputs, carry_size, front, head, init_kv, layers, step
 from models import transformer
 from models.config import ModelConfig
@@ -86,8 +86,9 @@ def lowerings(
     jdtype = DTYPES[dtype]
     mesh = mesh_of(config)
     rep, batch = sharding.replicated(mesh), functools.partial(sharding.batch_leading, mesh)
-    shape = kv_shape(cfg, num_pages, config.page_size)
-    new_kv = functools.partial(init_kv, shape, jdtype)
+    kv_dtype, packed = kv_storage(config, dtype)
+    shape = kv_shape(cfg, num_pages, config.page_size, packed)
+    new_kv = functools.partial(init_kv, shape, kv_dtype)
     placed = State(KVCache(*(sharding.kv(mesh, shape),) * 2), rep)
     state = State(
         sharding.attach(jax.eval_shape(new_kv), placed.kv),

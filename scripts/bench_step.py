@@ -69,7 +69,7 @@ def time_variant(model, variant: str, args) -> None:
     loop, _, quantize = variant.partition(":")
     config = EngineConfig(
         max_batch=max(args.batch), max_seq_len=args.max_seq_len, layer_loop=loop, quantize=quantize or "none",
-        dtype=model.dtype,
+        dtype=model.dtype, kv_cache_dtype=args.kv_cache_dtype,
     )  # fmt: skip
     buckets = Buckets.from_config(config)
     W = buckets.context_for(max(args.context + max([1, *args.chunk]), args.width))
@@ -147,6 +147,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's) | float32 | bfloat16")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--variants", nargs="+", default=["scan", "unroll", "unroll:int8"])
     parser.add_argument("--context", type=int, default=200, help="tokens already in each row's cache")

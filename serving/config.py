@@ -65,9 +65,8 @@ def build_parser(prog: str = "python -m serving.main") -> argparse.ArgumentParse
         prog=prog,
         description="Serve a model over the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models).",
     )
-    add_options(
-        parser, ServerConfig, choices={"log_level": LOG_LEVELS, "dtype": tuple(DTYPES), "tool_call_parser": PARSERS}
-    )
+    choices = {"dtype": tuple(DTYPES), "kv_cache_dtype": ("auto", *DTYPES)}
+    add_options(parser, ServerConfig, choices={**choices, "log_level": LOG_LEVELS, "tool_call_parser": PARSERS})
     return parser
 
 

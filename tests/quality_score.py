@@ -13,7 +13,12 @@ from graph.offline import LLM
 from models.loader import load_model
 
 TEXT = Path(__file__).resolve().parent / "data" / "quality_text.txt"
-PATHS = {"float32": {}, "bfloat16": {"dtype": "bfloat16"}, "int8": {"quantize": "int8"}}
+PATHS = {
+    "float32": {},
+    "bfloat16": {"dtype": "bfloat16"},
+    "int8": {"quantize": "int8"},
+    "kv-bfloat16": {"kv_cache_dtype": "bfloat16"},  # float32 weights and activations, a bfloat16 KV cache
+}
 
 
 def score(model_name: str, path: str) -> tuple[float, list[int]]:

@@ -140,6 +140,7 @@ def test_manifest_describes_the_artifact(artifact):
     [
         ({"max_batch": 4}, "buckets"),
         ({"dtype": "bfloat16"}, "dtype"),
+        ({"kv_cache_dtype": "bfloat16"}, "kv_cache_dtype"),
         ({"max_seq_len": 256}, "buckets"),
     ],
 )

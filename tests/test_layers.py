@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.layers import KVCache, kv_slots, paged_attention, rms_norm, write_kv
+from models.layers import PACKED_BF16, KVCache, kv_slots, pack_bf16, paged_attention, rms_norm, unpack_bf16, write_kv
 from models.quant import _rotate, linear, quantize, rotation_block
 
 B, K, G, Dh, S, W, L = 3, 2, 3, 8, 4, 5, 2  # 3 sequences, 2 kv heads x 3 queries each, 5 pages of 4
@@ -28,13 +28,33 @@ def _dense_attention(q, k, v, length, scale, window):
     return out
 
 
+def _bf16(x: np.ndarray) -> np.ndarray:
+    return np.asarray(jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float32))
+
+
+def _empty_pool(shape: tuple[int, ...], packed: bool) -> KVCache:
+    """A float32 pool [L, K, P, S, Dh], or one of bfloat16 pairs [L, K, P, S, Dh / 2]."""
+    if packed:
+        shape = (*shape[:-1], shape[-1] // 2)
+    return KVCache(*(jnp.zeros(shape, PACKED_BF16 if packed else jnp.float32) for _ in range(2)))
+
+
+def test_bfloat16_pairs_unpack_to_the_rounded_values_in_order():
+    x = np.random.default_rng(4).normal(size=(3, 8)).astype(np.float32)
+    packed = pack_bf16(jnp.asarray(x))
+    assert packed.shape == (3, 4) and packed.dtype == PACKED_BF16
+    np.testing.assert_array_equal(np.asarray(unpack_bf16(packed, jnp.float32)), _bf16(x))
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["float32", "bfloat16-pairs"])
 @pytest.mark.parametrize("window", [0, 5])
 @pytest.mark.parametrize("layer", [1, "traced"])
 @pytest.mark.parametrize("last", [None, 1, 5], ids=["prompt", "decode", "verify"])
-def test_head_major_paged_attention_equals_dense_attention(window, layer, last):
+def test_head_major_paged_attention_equals_dense_attention(window, layer, last, packed):
     """Every position of each sequence (a prompt: scores are a dot), or only its `last` ones
     with the rest already cached (decode and speculative rows: few queries, scores are a
-    multiply-and-sum), against a plain softmax."""
+    multiply-and-sum), against a plain softmax; from a float32 pool, and from a pool of bfloat16
+    pairs against the keys and values rounded to bfloat16."""
     rng = np.random.default_rng(0)
     T = max(LENGTHS)
     q = rng.normal(size=(B, T, K * G, Dh)).astype(np.float32)
@@ -49,7 +69,7 @@ def test_head_major_paged_attention_equals_dense_attention(window, layer, last):
     @jax.jit
     def run(layer_index):
         lay = 1 if layer == 1 else layer_index
-        cache = KVCache(jnp.zeros(shape), jnp.zeros(shape))
+        cache = _empty_pool(shape, packed)
         slots = kv_slots(pages, positions, cache.page_size)
         flat = (-1, *k.shape[2:])
         cache = KVCache(write_kv(cache.k, lay, k.reshape(flat), slots), write_kv(cache.v, lay, v.reshape(flat), slots))
@@ -61,14 +81,17 @@ def test_head_major_paged_attention_equals_dense_attention(window, layer, last):
                                softcap=None)  # fmt: skip
 
     out = np.asarray(run(jnp.int32(1)))
+    if packed:
+        k, v = _bf16(k), _bf16(v)
     for b, n in enumerate(LENGTHS):
         ref = _dense_attention(q[b], k[b], v[b], n, 0.3, window)
         got, want = (out[b, :n], ref[:n]) if last is None else (out[b], ref[n - last : n])
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["float32", "bfloat16-pairs"])
 @pytest.mark.parametrize("window", [0, 300])
-def test_a_chunk_after_a_long_context_equals_dense_attention(window):
+def test_a_chunk_after_a_long_context_equals_dense_attention(window, packed):
     """The last 40 tokens of a 700-token sequence, the rest already cached: the context before the
     chunk goes in wide blocks (`WIDE_BLOCK`), the rest in ordinary ones, under a sliding window too."""
     rng = np.random.default_rng(5)
@@ -76,11 +99,13 @@ def test_a_chunk_after_a_long_context_equals_dense_attention(window):
     k, v = (rng.normal(size=(n, K, Dh)).astype(np.float32) for _ in range(2))
     q = rng.normal(size=(1, T, K * G, Dh)).astype(np.float32)
     pages = rng.permutation(np.arange(1, 1 + W))[None].astype(np.int32)
-    cache = KVCache(*(jnp.zeros((L, K, 1 + W, S, Dh)) for _ in range(2)))
+    cache = _empty_pool((L, K, 1 + W, S, Dh), packed)
     slots = kv_slots(pages, np.arange(n, dtype=np.int32)[None], S)
     cache = KVCache(write_kv(cache.k, 1, jnp.asarray(k), slots), write_kv(cache.v, 1, jnp.asarray(v), slots))
     positions = np.arange(n - T, n, dtype=np.int32)[None]
     out = np.asarray(paged_attention(q, cache, 1, pages, positions, scale=0.3, window=window, softcap=None))
+    if packed:
+        k, v = _bf16(k), _bf16(v)
     for t, pos in enumerate(positions[0]):
         lo = max(0, pos - window + 1) if window else 0
         for h in range(K * G):
@@ -154,7 +179,8 @@ def _first_row_by_batch(fn, rows: np.ndarray, batches=(1, 2, 4, 8, 16)) -> dict[
 def test_a_rows_norm_and_attention_are_the_same_bits_in_any_batch():
     """Batch independence at the bit: XLA:CPU sums a `reduce` in an order that depends on the
     shape around it (SmolLM2's 576-wide norm of a row among 8 came out 1 ulp off the same row
-    alone), and int8 activations round such an ulp into other text."""
+    alone), and int8 activations round such an ulp into other text. Attention from a float32
+    pool and from one of bfloat16 pairs."""
     rng = np.random.default_rng(4)
     x = (rng.normal(size=(16, 576)) * 3).astype(np.float32)
     w = rng.normal(size=576).astype(np.float32)
@@ -172,5 +198,8 @@ def test_a_rows_norm_and_attention_are_the_same_bits_in_any_batch():
             q, kv, 1, pages[:n], jnp.full((n, 1), 199, jnp.int32), scale=0.125, window=0, softcap=None
         )
 
+    outs = _first_row_by_batch(attend, q)
+    assert all(np.array_equal(o, outs[1]) for o in outs.values())
+    kv = KVCache(pack_bf16(kv.k), pack_bf16(kv.v))  # a pool of bfloat16 pairs (--kv-cache-dtype bfloat16 on CPU)
     outs = _first_row_by_batch(attend, q)
     assert all(np.array_equal(o, outs[1]) for o in outs.values())

@@ -26,7 +26,7 @@ def _reference(model: str) -> tuple[float, tuple[int, ...]]:
     return ppl, tuple(top)
 
 
-@pytest.mark.parametrize("path", ["int8", "bfloat16"])
+@pytest.mark.parametrize("path", ["int8", "bfloat16", "kv-bfloat16"])
 @pytest.mark.parametrize("model", MODELS)
 def test_numeric_path_keeps_perplexity_and_top1(model, path):
     ref_ppl, ref_top = _reference(model)
