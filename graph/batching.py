@@ -64,6 +64,19 @@ class RowReuse:
         return arrays
 
 
+def padding_step(key: Key, page_size: int, max_seq_len: int, masks: Masks) -> tuple[StepInputs, ...]:
+    """The inputs of step `key` with no sequence in it: every token padding (position -1, writes
+    to scratch page 0), no row read; what the engine runs once per shape at start-up."""
+    phase, B, T, W = key
+    rules, reuse = ((lambda seq: ()), masks), RowReuse()
+    prefill = _prefill(Prefill(()), T, W, page_size, max_seq_len, rules, reuse)
+    if phase == "prefill":
+        return (prefill,)
+    if phase == "decode":
+        return (_decode(Decode([]), B, T, W, max_seq_len, rules, reuse),)
+    return _decode(Decode([]), B, 1, W, max_seq_len, rules, reuse), prefill
+
+
 def row_pages(step: Prefill, page_size: int) -> int:
     """Page-table entries of a chunk's row: each prompt's pages up to the end of its chunk."""
     return sum(-(-(c.start + c.length) // page_size) for c in step.chunks)

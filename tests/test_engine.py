@@ -10,6 +10,7 @@ import random
 import time
 
 import jax
+import numpy as np
 import pytest
 
 from graph.api import SamplingParams
@@ -128,6 +129,27 @@ def test_mixed_workload_compiles_nothing(smol_llm, compiles):
     finally:
         compiles.active = False
     assert compiles.count == 0
+
+
+def test_start_up_runs_every_step_shape_on_the_scratch_page_only(tiny_model):
+    """The start-up warm-up (one run of each step shape, so that no stream stalls behind a shape's
+    first run later) writes padding to scratch page 0 only: every page a request can get is as
+    new, and the requests after it get the tokens of an engine without it."""
+    prompts = ["a b c d e f", "the sea"]
+    params = SamplingParams(max_tokens=12, temperature=0)
+    cold = LLM(tiny_model, dataclasses.replace(TINY, warmup=False))
+    try:
+        expected = [c.token_ids for c in cold.generate(prompts, params)]
+    finally:
+        cold.shutdown()
+    llm = LLM(tiny_model, TINY)
+    try:
+        k, v = (np.asarray(x) for x in llm.engine.state.kv)
+        assert k[:, :, 0].any() and v[:, :, 0].any()  # it ran: padding went to the scratch page
+        assert not k[:, :, 1:].any() and not v[:, :, 1:].any()
+        assert [c.token_ids for c in llm.generate(prompts, params)] == expected
+    finally:
+        llm.shutdown()
 
 
 @pytest.mark.slow  # 120 requests: 20 s on 2 cores, most of it compiling TINY (the session's first use of it)
