@@ -40,10 +40,13 @@ REPO = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m-instruct"
 # The session's one small bucket set, for its servers and its in-process engine (tests/conftest.py
 # `smol_llm`): compiled once, then loaded from the session's compilation cache. One prefill bucket
-# and four decode buckets: ~30 s to compile on 2 cores.
+# and four decode buckets: ~30 s to compile on 2 cores. The session's configs skip the start-up
+# warm-up (1.5 s a SmolLM2 engine, and no test times a first step): tests/test_engine.py checks it,
+# and the multi-host, int8 AOT and default-flags servers run it.
 SMALL = EngineConfig(
-    max_batch=8, max_seq_len=512, min_context_tokens=512, min_prefill_tokens=64, max_prefill_tokens=64, kv_pages=256
-)
+    max_batch=8, max_seq_len=512, min_context_tokens=512, min_prefill_tokens=64, max_prefill_tokens=64, kv_pages=256,
+    warmup=False,
+)  # fmt: skip
 
 
 def engine_args(config: EngineConfig) -> tuple[str, ...]:
@@ -52,8 +55,14 @@ def engine_args(config: EngineConfig) -> tuple[str, ...]:
         arg
         for field in dataclasses.fields(config)
         if (value := getattr(config, field.name)) != field.default
-        for arg in (f"--{field.name.replace('_', '-')}", str(value))
+        for arg in _option(field.name.replace("_", "-"), value)
     )
+
+
+def _option(name: str, value: object) -> tuple[str, ...]:
+    if isinstance(value, bool):  # a switch: --name / --no-name
+        return (f"--{name}" if value else f"--no-{name}",)
+    return f"--{name}", str(value)
 
 
 SMALL_ENGINE = engine_args(SMALL)
@@ -61,7 +70,7 @@ SMALL_ENGINE = engine_args(SMALL)
 # tests that need no buckets of their own: compiled once in the session. A test that wants
 # alternating prefill and decode steps takes it with max_num_batched_tokens=0, whose executables
 # are a subset (the same, less the mixed steps'), all loaded from the session's compilation cache.
-TINY = EngineConfig(max_batch=4, max_seq_len=128, max_prefill_tokens=64, min_context_tokens=128)
+TINY = EngineConfig(max_batch=4, max_seq_len=128, max_prefill_tokens=64, min_context_tokens=128, warmup=False)
 MAX_SEQ_LEN = SMALL.max_seq_len
 READY = re.compile(r"^Server ready on (http://\S+) \(Press CTRL\+C to quit\)$")
 LISTENING = re.compile(r"listening on (\S+):(\d+); loading the model")

@@ -43,7 +43,8 @@ def _free_port() -> int:
 @contextlib.contextmanager
 def two_processes(tmp_path) -> Iterator[tuple[ServerProcess, ServerProcess]]:
     mesh = ["--data-parallel", str(2 * LOCAL_DEVICES), "--num-processes", "2"]
-    args = [*SMALL_ENGINE, *mesh, "--coordinator", f"127.0.0.1:{_free_port()}"]
+    # with the start-up warm-up: the follower runs the steps it publishes too
+    args = [*(a for a in SMALL_ENGINE if a != "--no-warmup"), *mesh, "--coordinator", f"127.0.0.1:{_free_port()}"]
     follower = ServerProcess([*args, "--process-id", "1"], tmp_path / "process1.log", env=ENV).start()
     leader = ServerProcess([*args, "--process-id", "0"], tmp_path / "process0.log", env=ENV).start()
     try:
