@@ -137,12 +137,12 @@ def test_start_up_runs_every_step_shape_on_the_scratch_page_only(tiny_model):
     new, and the requests after it get the tokens of an engine without it."""
     prompts = ["a b c d e f", "the sea"]
     params = SamplingParams(max_tokens=12, temperature=0)
-    cold = LLM(tiny_model, dataclasses.replace(TINY, warmup=False))
+    cold = LLM(tiny_model, TINY)  # the session's configs skip it (tests/server_fixtures.py)
     try:
         expected = [c.token_ids for c in cold.generate(prompts, params)]
     finally:
         cold.shutdown()
-    llm = LLM(tiny_model, TINY)
+    llm = LLM(tiny_model, dataclasses.replace(TINY, warmup=True))
     try:
         k, v = (np.asarray(x) for x in llm.engine.state.kv)
         assert k[:, :, 0].any() and v[:, :, 0].any()  # it ran: padding went to the scratch page
