@@ -41,10 +41,10 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def two_processes(tmp_path) -> Iterator[tuple[ServerProcess, ServerProcess]]:
+def two_processes(tmp_path, warmup: bool = False) -> Iterator[tuple[ServerProcess, ServerProcess]]:
     mesh = ["--data-parallel", str(2 * LOCAL_DEVICES), "--num-processes", "2"]
-    # with the start-up warm-up: the follower runs the steps it publishes too
-    args = [*(a for a in SMALL_ENGINE if a != "--no-warmup"), *mesh, "--coordinator", f"127.0.0.1:{_free_port()}"]
+    engine = [a for a in SMALL_ENGINE if a != "--no-warmup"] if warmup else SMALL_ENGINE
+    args = [*engine, *mesh, "--coordinator", f"127.0.0.1:{_free_port()}"]
     follower = ServerProcess([*args, "--process-id", "1"], tmp_path / "process1.log", env=ENV).start()
     leader = ServerProcess([*args, "--process-id", "0"], tmp_path / "process0.log", env=ENV).start()
     try:
@@ -85,7 +85,8 @@ def _answers(url: str) -> list[str]:
 
 def test_two_processes_answer_as_one_and_stop_together(server, tmp_path):
     expected = _answers(server.url)
-    with two_processes(tmp_path) as (leader, follower):
+    # with the start-up warm-up (5 s here): the follower runs the warm-up steps process 0 sends too
+    with two_processes(tmp_path, warmup=True) as (leader, follower):
         assert _answers(leader.url) == expected
         # process 0 publishes its setup once its table is built: the follower compiles none of it
         assert any(re.search(r"executables ready in \S+: 0 compiled, ", line) for line in follower.stderr)
