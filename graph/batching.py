@@ -69,12 +69,10 @@ def padding_step(key: Key, page_size: int, max_seq_len: int, masks: Masks) -> tu
     to scratch page 0), no row read; what the engine runs once per shape at start-up."""
     phase, B, T, W = key
     rules, reuse = ((lambda seq: ()), masks), RowReuse()
-    prefill = _prefill(Prefill(()), T, W, page_size, max_seq_len, rules, reuse)
-    if phase == "prefill":
-        return (prefill,)
     if phase == "decode":
         return (_decode(Decode([]), B, T, W, max_seq_len, rules, reuse),)
-    return _decode(Decode([]), B, 1, W, max_seq_len, rules, reuse), prefill
+    prefill = _prefill(Prefill(()), T, W, page_size, max_seq_len, rules, reuse)
+    return (prefill,) if phase == "prefill" else (_decode(Decode([]), B, 1, W, max_seq_len, rules, reuse), prefill)
 
 
 def row_pages(step: Prefill, page_size: int) -> int:

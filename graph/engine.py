@@ -76,7 +76,7 @@ from graph.outputs import OutputProcessor, merged
 from graph.sampling import MAX_LOGIT_BIAS, MAX_SUPPRESS
 from graph.scheduler import Decode, Mixed, Prefill, Scheduler, Sequence, parts, uses_penalties
 from graph.shedding import Queue, WaitEstimator
-from graph.step import PACKED_ROWS, carry_offset
+from graph.step import PACKED_ROWS, Key, State, StepInputs, StepOutputs, carry_offset
 from graph.structured import Grammars
 from models.loader import LoadedModel
 from models.tokenizer import Tokenizer
@@ -491,9 +491,7 @@ class Engine:
         )
         kind = "speculative" if key[0] == "decode" and key[2] > 1 else key[0]
         self.step_kinds[kind] += 1
-        if self.channel is not None:
-            self.channel.publish("step", list(key), inputs)
-        state, outs = self.table.get(key)(self.params, self.state, inputs)
+        state, outs = self._call(key, inputs)
         if self.steps == self.config.debug_fail_step:  # after the pool was donated, as a device error
             raise RuntimeError(f"step {self.steps} failed on purpose (debug_fail_step)")
         self.state = state
@@ -532,12 +530,16 @@ class Engine:
         started = time.monotonic()
         keys = self.buckets.all_keys()
         for key in keys:
-            inputs = padding_step(key, self.config.page_size, self.max_seq_len, self._masks)
-            if self.channel is not None:
-                self.channel.publish("step", list(key), inputs)
-            self.state, outs = self.table.get(key)(self.params, self.state, inputs)
+            self.state, outs = self._call(key, padding_step(key, self.config.page_size, self.max_seq_len, self._masks))
             jax.block_until_ready(outs)
         log.info("ran each of %d step shapes once in %.1fs", len(keys), time.monotonic() - started)
+
+    def _call(self, key: Key, inputs: tuple[StepInputs, ...]) -> tuple[State, tuple[StepOutputs, ...]]:
+        """Run step `key` on the pool (donated) -> (the new state, each segment's outputs); the
+        followers of a multi-process mesh run it too (graph/multihost.py)."""
+        if self.channel is not None:
+            self.channel.publish("step", list(key), inputs)
+        return self.table.get(key)(self.params, self.state, inputs)
 
     def _init_state(self):
         if self.channel is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import os
 import re
 import signal
@@ -23,7 +24,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.server_fixtures import MODEL, SMALL_ENGINE, ServerProcess
+from tests.server_fixtures import MODEL, SMALL, ServerProcess, engine_args
 
 pytest_plugins = ("tests.server_fixtures",)
 pytestmark = pytest.mark.slow
@@ -43,7 +44,7 @@ def _free_port() -> int:
 @contextlib.contextmanager
 def two_processes(tmp_path, warmup: bool = False) -> Iterator[tuple[ServerProcess, ServerProcess]]:
     mesh = ["--data-parallel", str(2 * LOCAL_DEVICES), "--num-processes", "2"]
-    engine = [a for a in SMALL_ENGINE if a != "--no-warmup"] if warmup else SMALL_ENGINE
+    engine = engine_args(dataclasses.replace(SMALL, warmup=warmup))
     args = [*engine, *mesh, "--coordinator", f"127.0.0.1:{_free_port()}"]
     follower = ServerProcess([*args, "--process-id", "1"], tmp_path / "process1.log", env=ENV).start()
     leader = ServerProcess([*args, "--process-id", "0"], tmp_path / "process0.log", env=ENV).start()
