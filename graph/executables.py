@@ -320,7 +320,7 @@ def _store(store: compile_cache.ExecutableStore | None, name: str, compiled: Any
 # where executables come from, or only steer the host side: the store's key leaves them out.
 _NOT_IN_EXECUTABLES = (
     "kv_memory_gb", "kv_pages", "kv_memory_fraction", "max_queue", "max_queue_wait", "aot_dir", "compile_cache",
-    "enable_prefix_caching", "pipeline", "prompt_lookup_max", "prompt_lookup_min", "debug_step_delay",
+    "enable_prefix_caching", "pipeline", "prompt_lookup_max", "prompt_lookup_min", "warmup", "debug_step_delay",
     "debug_fail_step",
 )  # fmt: skip
 

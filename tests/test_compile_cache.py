@@ -96,12 +96,19 @@ def _ready_line(caplog) -> str:
     return next(line for line in lines if " executables ready in " in line)
 
 
-def test_second_start_with_a_warm_cache_compiles_nothing(tiny_model, warm, caplog):
+# options that steer only the host side (the warm-up, pipelining, prefix caching, the queue): a
+# start that changes them runs the same executables
+HOST_SIDE = {"warmup": False, "pipeline": "off", "enable_prefix_caching": False, "max_queue": 3, "max_queue_wait": 0}
+
+
+@pytest.mark.parametrize("host_side", [{}, HOST_SIDE], ids=["same-options", "host-side-options-changed"])
+def test_second_start_with_a_warm_cache_compiles_nothing(tiny_model, warm, caplog, host_side):
     config, tokens = warm
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="graph.executables"):
-        events, again = _start(tiny_model, config)
+        events, again = _start(tiny_model, dataclasses.replace(config, **host_side))
     assert re.search(r"ready in \S+: 0 compiled, [1-9]\d* from the compilation cache", _ready_line(caplog))
+    assert events["requests"] == 0  # all from the executable store: nothing was even lowered
     assert again == tokens
     # jax counts a hit in its cache as a backend compile too, so the tests that assert zero
     # compilations (tests/test_aot.py, tests/test_engine.py) see an executable loaded from there
