@@ -27,9 +27,10 @@ def score(model_name: str, path: str) -> tuple[float, list[int]]:
     model = load_model(model_name, options.get("dtype", "float32"))
     ids = model.tokenizer.encode(TEXT.read_text())
     seq = -(-(len(ids) + 1) // 256) * 256
+    # no start-up warm-up: one request, whose speed does not count
     config = EngineConfig(
         max_batch=1, max_seq_len=seq, min_prefill_tokens=512, max_prefill_tokens=512, min_context_tokens=seq,
-        kv_pages=seq // 16 + 1, **options,
+        kv_pages=seq // 16 + 1, warmup=False, **options,
     )  # fmt: skip
     llm = LLM(model, config)
     try:
