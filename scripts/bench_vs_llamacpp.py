@@ -12,6 +12,8 @@ one (`cache_prompt` on: each slot reuses the prefix its previous request shares 
 `--ours` may be given several times: each flag set is a row of the table (e.g. `--ours ""
 --ours=--no-enable-prefix-caching`; a single flag needs the `=` form). `--shared-prefix-words N`
 gives every prompt the same first N words (load.py), the workload prefix caching is for.
+`--rounds N` measures both servers N times, alternating, and gives every round's numbers and the
+median ratio: a shared machine's speed drifts between one server's run and the other's.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import re
 import shlex
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -124,25 +127,8 @@ def split(before: dict[str, float], after: dict[str, float]) -> str:
             f"{kept:.0f} of {drafts:.0f} draft tokens kept")  # fmt: skip
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--ours", action="append", help="extra xlaserve flags, e.g. '--quantize int8' (repeatable)")
-    parser.add_argument("--llama-server", default="/tmp/llamacpp/build/bin/llama-server")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16, 32])
-    parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--shared-prefix-words", type=int, default=0)
-    # each level runs max(8, this x concurrency) requests: more give a steadier ITL p99 (with 2, the
-    # p99 of 8 streams is about the 3rd slowest of 250 steps)
-    parser.add_argument("--requests-per-client", type=int, default=2)
-    parser.add_argument("--skip-llamacpp", action="store_true")
-    args = parser.parse_args()
-    from models.loader import resolve
-
-    gguf = resolve(args.model)[1]
-    levels = [(c, max(8, args.requests_per_client * c)) for c in args.concurrency]
-    runs = args.ours or [""]
+def measure(args: argparse.Namespace, gguf: Path, levels: list[tuple[int, int]], runs: list[str]) -> dict[str, dict]:
+    """One round: llama.cpp at every level, then each xlaserve flag set -> {side: {concurrency: summary}}."""
     results: dict[str, dict[int, dict]] = {"llama.cpp": {}}
     if not args.skip_llamacpp:
         words = args.prompt_tokens + args.shared_prefix_words
@@ -159,20 +145,67 @@ def main() -> None:
                 results[flags][c] = run_load(url, c, n, args)
                 print("xlaserve", flags, c, json.dumps(results[flags][c]), flush=True)
                 print("xlaserve", flags, c, split(before, counters(url)), flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--ours", action="append", help="extra xlaserve flags, e.g. '--quantize int8' (repeatable)")
+    parser.add_argument("--llama-server", default="/tmp/llamacpp/build/bin/llama-server")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16, 32])
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--shared-prefix-words", type=int, default=0)
+    # each level runs max(8, this x concurrency) requests: more give a steadier ITL p99 (with 2, the
+    # p99 of 8 streams is about the 3rd slowest of 250 steps)
+    parser.add_argument("--requests-per-client", type=int, default=2)
+    # rounds alternate the servers (llama.cpp, ours, llama.cpp, ours, ...): a shared 2-core machine's
+    # speed drifts by a third within minutes, so one server measured after the other compares moments
+    # as much as servers; the table gives each round's ratio and the median
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--skip-llamacpp", action="store_true")
+    args = parser.parse_args()
+    from models.loader import resolve
+
+    gguf = resolve(args.model)[1]
+    levels = [(c, max(8, args.requests_per_client * c)) for c in args.concurrency]
+    runs = args.ours or [""]
+    rounds = []
+    for r in range(args.rounds):
+        print(f"round {r + 1} of {args.rounds}", flush=True)
+        rounds.append(measure(args, gguf, levels, runs))
     print(f"\n{args.model}: {args.prompt_tokens} words in ({args.shared_prefix_words} shared), {args.max_tokens} out")
     print("| xlaserve flags | concurrency | xlaserve tok/s | llama.cpp tok/s | ratio | xlaserve ITL p50/p99 ms | "
           "llama.cpp ITL p50/p99 ms | xlaserve TTFT p50 ms | llama.cpp TTFT p50 ms |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
-    nan = float("nan")
     for flags in runs:
         for c, _ in levels:
-            ours, theirs = results[flags][c], results["llama.cpp"].get(c, {})
-            ratio = ours["output_tok_per_s"] / theirs["output_tok_per_s"] if theirs else nan
-            print(f"| {flags or '(defaults)'} | {c} | {ours['output_tok_per_s']:.1f} | "
-                  f"{theirs.get('output_tok_per_s', nan):.1f} | {ratio:.2f}x | "
-                  f"{ours['itl_ms_p50']:.0f} / {ours['itl_ms_p99']:.0f} | "
-                  f"{theirs.get('itl_ms_p50', 0):.0f} / {theirs.get('itl_ms_p99', 0):.0f} | "
-                  f"{ours['ttft_ms_p50']:.0f} | {theirs.get('ttft_ms_p50', 0):.0f} |")  # fmt: skip
+            cells = [_row(results[flags][c], results["llama.cpp"].get(c, {})) for results in rounds]
+            # one round: its numbers; several: each round's, separated by commas, then the median ratio
+            joined = [", ".join(column) for column in zip(*cells, strict=True)]
+            ratios = [r for results in rounds if (r := _ratio(results[flags][c], results["llama.cpp"].get(c)))]
+            if len(rounds) > 1 and ratios:
+                joined[2] += f" (median {statistics.median(ratios):.2f}x)"
+            print(f"| {flags or '(defaults)'} | {c} | " + " | ".join(joined) + " |")
+
+
+def _ratio(ours: dict, theirs: dict | None) -> float | None:
+    return ours["output_tok_per_s"] / theirs["output_tok_per_s"] if theirs else None
+
+
+def _row(ours: dict, theirs: dict) -> list[str]:
+    """One round's table cells after the concurrency."""
+    ratio = _ratio(ours, theirs)
+    return [
+        f"{ours['output_tok_per_s']:.1f}",
+        f"{theirs['output_tok_per_s']:.1f}" if theirs else "-",
+        f"{ratio:.2f}x" if ratio else "-",
+        f"{ours['itl_ms_p50']:.0f} / {ours['itl_ms_p99']:.0f}",
+        f"{theirs['itl_ms_p50']:.0f} / {theirs['itl_ms_p99']:.0f}" if theirs else "-",
+        f"{ours['ttft_ms_p50']:.0f}",
+        f"{theirs['ttft_ms_p50']:.0f}" if theirs else "-",
+    ]
 
 
 if __name__ == "__main__":
