@@ -20,8 +20,9 @@ from graph.api import EngineConfig
 from graph.layout import int8_activations
 
 # The default prompt chunk of a mixed step. Its cost lands on every running stream's inter-token
-# gap: on the 2-core CPU, SmolLM2 int8 at concurrency 8 (docs/performance-history.md), chunks of 32 against 64 cut ITL
-# p99 from 183 to 126 ms with 8% more tokens/s; 16 cut no further and lost 20% of the tokens/s.
+# gap: on the 2-core CPU, SmolLM2 int8 at concurrency 8 (docs/performance-history.md), chunks of
+# 32 against 64 cut ITL p99 from 183 to 126 ms with 8% more tokens/s; 16 cut no further and lost
+# 20% of the tokens/s.
 # With speculative decoding (K drafts) the default is (1 + K) times this: a speculative row feeds
 # 1 + K tokens, so the chunk keeps its share of the steps around it, and the prompts of a closed
 # loop no longer trickle in 32 tokens a step behind decode steps that each yield several tokens a
