@@ -63,7 +63,7 @@ class EngineConfig:
     max_seq_len: int = 2048  # context length (prompt + output) of one request
     page_size: int = 16  # tokens per KV page
     max_prefill_tokens: int = 512  # largest prefill chunk bucket; longer prompts are chunked
-    max_num_batched_tokens: int | None = None  # a mixed step's batch + chunk; none: 40 (x 1+K speculating); 0: off
+    max_num_batched_tokens: int | None = None  # batch + chunk; none: chunks of 32 (x 1+K speculating); 0: off
     enable_prefix_caching: bool = True  # reuse the KV pages of prompt prefixes seen before (LRU-evicted)
     # dispatch each step before reading the last one's tokens (one step of look-ahead): auto is on
     # except on CPU, where the host's share of a step then competes with the step for the cores

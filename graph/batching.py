@@ -163,7 +163,7 @@ def build_step(
         W = buckets.context_for(context)
         T = buckets.verify_tokens if step.drafts else 1
         return ("decode", B, T, W), (_decode(step, B, T, W, max_seq_len, rules, reuse),)
-    T, chunk = buckets.mixed_chunk(B), step.prefill
+    T, chunk = buckets.mixed_tokens, step.prefill
     W = pick(buckets.context_pages, max(-(-context // S), row_pages(chunk, S)))
     inputs = (
         _decode(decode, B, 1, W, max_seq_len, rules, reuse),

@@ -2,10 +2,10 @@
 
 Every executable is compiled for one bucket: prefill chunks are `[1, tokens]` with a context of
 `pages` KV pages; decode steps are `[batch, 1]` with a context of `pages`; mixed steps are a decode
-batch `[batch, 1]` plus one prompt chunk `[1, chunk]`, for every batch and context bucket (the
-chunk of a batch bucket: the largest prefill bucket that fits in the step's token budget,
-`max_num_batched_tokens`, beside that batch, at least the smallest; by default the budget is
-`DEFAULT_STEP_TOKENS` tokens, times 1 + K with K speculative tokens; none with `max_batch` 1). With speculative decoding
+batch `[batch, 1]` plus one prompt chunk `[1, mixed_tokens]`, for every batch and context bucket
+(one chunk size: the largest prefill bucket that fits in `max_num_batched_tokens` beside a full
+batch; by default the largest up to `DEFAULT_MIXED_CHUNK` tokens, times 1 + K with K speculative
+tokens; none with `max_batch` 1). With speculative decoding
 (`num_speculative_tokens` K), speculative decode steps are `[batch, 1 + K]` for the decode batch
 buckets up to `speculative_max_batch`. Sizes are powers of two
 between a minimum and a maximum (the maximum itself is always included, even if not a power of two).
@@ -19,18 +19,17 @@ import math
 from graph.api import EngineConfig
 from graph.layout import int8_activations
 
-# A mixed step's default token budget: its decode rows plus its prompt chunk (vLLM's
-# max_num_batched_tokens), so chunks of 32 tokens beside up to 8 rows and 16 beside 16. The chunk's
-# cost lands on every running stream's inter-token gap. On the 2-core CPU, SmolLM2 int8 at
-# concurrency 8 (docs/performance-history.md), chunks of 32 against 64 cut ITL p99 from 183 to
-# 126 ms with 8% more tokens/s; 16 cut no further and lost 20% of the tokens/s. Beside 16 rows a
-# chunk of 32 made a mixed step 89-92 ms against 50-55 ms for a decode step, and the ITL p99 at
-# concurrency 16 that step's cost (114 ms against llama.cpp's 87); one of 16 costs about 30 ms less.
-# With speculative decoding (K drafts) the budget is (1 + K) times this: a speculative row feeds
+# The default prompt chunk of a mixed step. Its cost lands on every running stream's inter-token
+# gap: on the 2-core CPU, SmolLM2 int8 at concurrency 8 (docs/performance-history.md), chunks of
+# 32 against 64 cut ITL p99 from 183 to 126 ms with 8% more tokens/s; 16 cut no further and lost
+# 20% of the tokens/s. Chunks of 16 beside a batch of 16 only (a 40-token budget) lost too: in the
+# server such a mixed step took 89-90 ms against 88-106 for a chunk of 32, there were 1.85x as many,
+# and tokens/s fell by a fifth with ITL p99 no lower (two loads of 8 streams, 128 and 80 tokens out).
+# With speculative decoding (K drafts) the default is (1 + K) times this: a speculative row feeds
 # 1 + K tokens, so the chunk keeps its share of the steps around it, and the prompts of a closed
 # loop no longer trickle in 32 tokens a step behind decode steps that each yield several tokens a
 # row (SmolLM2 int8, K = 4, concurrency 16: chunks of 128 gave 25% more tokens/s than 32).
-DEFAULT_STEP_TOKENS = 40
+DEFAULT_MIXED_CHUNK = 32
 
 
 def w8a8(c: EngineConfig) -> bool:
@@ -62,7 +61,7 @@ class Buckets:
     decode_batch: tuple[int, ...]  # decode batch sizes
     context_pages: tuple[int, ...]  # KV pages a step may attend to (page-table width)
     page_size: int
-    mixed_chunks: tuple[int, ...] = ()  # prompt chunk of a mixed step beside each decode batch bucket (): none
+    mixed_tokens: int = 0  # prompt chunk of a mixed step (0: no mixed steps)
     verify_tokens: int = 0  # tokens per row of a speculative decode step: 1 + K drafts (0: none)
     verify_batch: tuple[int, ...] = ()  # the decode batch buckets that have speculative steps
 
@@ -77,45 +76,39 @@ class Buckets:
         else:
             min_pages = min(max(1, c.min_context_tokens // c.page_size), max_pages)
         prefill_tokens = powers_of_two(min(c.min_prefill_tokens, max_chunk), max_chunk)
+        if c.max_batch == 1:  # one sequence is either prefilling or decoding: never both
+            mixed = 0
+        elif c.max_num_batched_tokens is None:  # default: the largest bucket up to the default chunk, else the smallest
+            default = DEFAULT_MIXED_CHUNK * (1 + c.num_speculative_tokens)
+            mixed = max([t for t in prefill_tokens if t <= default] or prefill_tokens[:1])
+        elif c.max_num_batched_tokens == 0:
+            mixed = 0
+        else:
+            fits = [t for t in prefill_tokens if t <= c.max_num_batched_tokens - c.max_batch]
+            if not fits:
+                raise ValueError(
+                    f"max_num_batched_tokens {c.max_num_batched_tokens} leaves no room for a prompt chunk beside "
+                    f"a batch of {c.max_batch}: use at least {c.max_batch + prefill_tokens[0]}, or 0 for no "
+                    "mixed steps"
+                )
+            mixed = max(fits)
         # data parallel: the smallest decode batch gives every data shard a row (D = 2: 2, 4, 8, ...).
         # int8 x int8 (int8 on CPU): a one-row step's float code rounds a few values differently
         # (XLA:CPU emits other loops for one row), int8 rounding turns that into other text, and a
         # second row costs ~1% (`models/quant.py` pads one row to two anyway): batches start at 2.
         smallest = max(c.data_parallel, 2 if w8a8(c) else 1)
         batches = powers_of_two(min(smallest, c.max_batch), c.max_batch)
-        if c.max_batch == 1 or c.max_num_batched_tokens == 0:  # one sequence never prefills and decodes at once
-            budget = 0
-        elif c.max_num_batched_tokens is None:
-            budget = DEFAULT_STEP_TOKENS * (1 + c.num_speculative_tokens)
-        else:
-            budget = c.max_num_batched_tokens
-            if budget - c.max_batch < prefill_tokens[0]:
-                raise ValueError(
-                    f"max_num_batched_tokens {budget} leaves no room for a prompt chunk beside a batch of "
-                    f"{c.max_batch}: use at least {c.max_batch + prefill_tokens[0]}, or 0 for no mixed steps"
-                )
-        # beside each batch bucket, the largest chunk within the budget (by default at least the smallest)
-        mixed = tuple(max([t for t in prefill_tokens if t <= budget - b] or prefill_tokens[:1]) for b in batches)
         return cls(
             prefill_tokens=prefill_tokens,
             decode_batch=batches,
             context_pages=powers_of_two(min_pages, max_pages),
             page_size=c.page_size,
-            mixed_chunks=mixed if budget else (),
+            mixed_tokens=mixed,
             verify_tokens=1 + c.num_speculative_tokens if c.num_speculative_tokens else 0,
             verify_batch=tuple(b for b in batches if b <= pick(batches, min(c.speculative_max_batch, c.max_batch)))
             if c.num_speculative_tokens
             else (),
         )
-
-    @property
-    def mixed_tokens(self) -> int:
-        """The largest prompt chunk of a mixed step (0: no mixed steps)."""
-        return max(self.mixed_chunks, default=0)
-
-    def mixed_chunk(self, rows: int) -> int:
-        """The prompt chunk of a mixed step beside `rows` decode rows (their batch bucket's)."""
-        return self.mixed_chunks[self.decode_batch.index(pick(self.decode_batch, rows))]
 
     @property
     def max_pages(self) -> int:
@@ -145,8 +138,7 @@ class Buckets:
     def mixed_keys(self) -> list[tuple[str, int, int, int]]:
         if not self.mixed_tokens:
             return []
-        chunks = zip(self.decode_batch, self.mixed_chunks, strict=True)
-        return [("mixed", b, t, p) for b, t in chunks for p in self.context_pages]
+        return [("mixed", b, self.mixed_tokens, p) for b in self.decode_batch for p in self.context_pages]
 
     def all_keys(self) -> list[tuple[str, int, int, int]]:
         return self.prefill_keys() + self.decode_keys() + self.mixed_keys() + self.verify_keys()

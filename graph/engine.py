@@ -154,7 +154,6 @@ class Engine:
             max_batch=config.max_batch,
             max_prefill_tokens=self.buckets.prefill_tokens[-1],
             mixed_tokens=self.buckets.mixed_tokens,
-            mixed_chunk=self.buckets.mixed_chunk if self.buckets.mixed_tokens else None,
             # what makes a page's KV: the model, its dtype, the quantization, the KV values' dtype
             salt=f"{model.fingerprint}/{model.dtype}/{config.quantize}/{kv_dtype(config, model.dtype)}".encode(),
             packed_rows=PACKED_ROWS,
@@ -184,11 +183,7 @@ class Engine:
         self._queued_at: dict[str, float] = {}  # submit time, until the request's first step
         self._queue_waits: dict[str, float] = {}  # until its first delta carries it
         self._queue = Queue()  # what a new request finds ahead of it: the step thread's last view
-        self.estimator = WaitEstimator(
-            config.max_batch,
-            self.buckets.prefill_tokens[-1],
-            self.buckets.mixed_chunk(config.max_batch) if self.buckets.mixed_tokens else 0,  # beside a full batch
-        )
+        self.estimator = WaitEstimator(config.max_batch, self.buckets.prefill_tokens[-1], self.buckets.mixed_tokens)
         self.row_reuse = RowReuse()  # sampled-row arrays kept from step to step (graph/batching.py)
         self.steps = 0
         self.looked_ahead = 0  # steps dispatched while the one before was still in flight

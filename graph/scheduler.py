@@ -5,10 +5,9 @@ preemption of the youngest request when pages run out. Pure Python, no JAX: the 
 
 Order and fairness: requests are admitted first come, first served, and the oldest sequence that
 still has prompt to prefill gets a chunk in every step, so a long prompt is never starved; while
-it is prefilled, every running sequence still gets a token per step (in mixed steps, whose chunk,
-`mixed_chunk(rows)`, shrinks as the decode batch grows), except the first of a burst (below).
-Without mixed steps (`mixed_tokens == 0`), prefill chunks and decode steps alternate while both
-have work.
+it is prefilled, every running sequence still gets a token per step (in mixed steps, sized by
+`mixed_tokens`), except the first of a burst (below). Without mixed steps (`mixed_tokens == 0`),
+prefill chunks and decode steps alternate while both have work.
 
 Bursts: prompts that arrive together (before the first of them is scheduled to decode) are prefilled
 together, in full chunks without decode rows, as long as the rest takes at most BURST_STEPS
@@ -54,7 +53,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
-from collections.abc import Callable
 from typing import Any
 
 from graph import speculative
@@ -218,7 +216,6 @@ class Scheduler:
         max_batch: int,
         max_prefill_tokens: int,
         mixed_tokens: int = 0,
-        mixed_chunk: Callable[[int], int] | None = None,
         salt: bytes = b"",
         packed_rows: int = 1,
         max_pages: int | None = None,
@@ -232,8 +229,7 @@ class Scheduler:
         self.page_size = page_size
         self.max_batch = max_batch
         self.max_prefill_tokens = max_prefill_tokens  # chunk of a step without decode rows
-        self.mixed_tokens = mixed_tokens  # largest chunk of a step with decode rows (0: no mixed steps)
-        self.mixed_chunk = mixed_chunk or (lambda rows: mixed_tokens)  # the chunk beside `rows` decode rows
+        self.mixed_tokens = mixed_tokens  # chunk of a step with decode rows (0: no mixed steps)
         self.salt = salt  # what else the K/V depend on (model, dtype, quantization): roots the hash chain
         self.packed_rows = packed_rows  # prompts one chunk may carry
         self.max_pages = max_pages  # of a chunk's row (the largest context bucket); None: unbounded
@@ -357,7 +353,7 @@ class Scheduler:
         if not ready or self._burst_first(ready, prefilling):
             park = len(prefilling) + len(ready) > 1  # a burst: its first tokens come out in one step
             return self._fit(self._chunk(prefilling, self.max_prefill_tokens, park))
-        return Mixed(Decode(ready), self._chunk(prefilling, self.mixed_chunk(len(ready))))
+        return Mixed(Decode(ready), self._chunk(prefilling, self.mixed_tokens))
 
     def _burst_first(self, ready: list[Sequence], prefilling: list[Sequence]) -> bool:
         """Whether the rest of a burst is prefilled before its first prompts decode: every decoding

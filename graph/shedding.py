@@ -6,8 +6,8 @@ clients hear at once that they should back off instead of waiting minutes in the
 The model is simple on purpose. A request starts when both of these allow it:
 - Prefill: the prompt tokens still to prefill ahead of it (the rest of running prompts, all of the
   queued ones) go through the steps one chunk at a time: ceil(tokens / chunk) steps. The chunk is
-  a mixed step's beside a full batch (its smallest) in steps that also decode, `max_prefill_tokens`
-  otherwise; without mixed steps a decode step follows each chunk while anything decodes.
+  `mixed_tokens` in steps that also decode, `max_prefill_tokens` otherwise; without mixed steps a
+  decode step follows each chunk while anything decodes.
 - A batch slot: with `free` slots and `ahead` requests queued before it, k = ahead + 1 - free
   running requests must finish first. The batch finishes `max_batch` requests per (mean output
   length x decode step time), so that takes k / max_batch of it.

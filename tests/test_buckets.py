@@ -112,9 +112,9 @@ def test_prefill_and_decode_keys_of_a_tiny_config():
         ("prefill", 1, 20, 8), ("prefill", 1, 20, 12),
     ]  # fmt: skip
     assert b.decode_keys() == [("decode", bs, 1, p) for bs in (1, 2, 4, 6) for p in (2, 4, 8, 12)]
-    # mixed steps: every batch and context bucket, each batch with the largest prefill bucket that
-    # fits in the step's token budget beside it (by default 40 tokens: 20 here for every batch)
-    assert b.mixed_chunks == (20, 20, 20, 20) and b.mixed_tokens == 20
+    # mixed steps: every batch and context bucket with one chunk size, by default the largest prefill
+    # bucket up to 32 tokens
+    assert b.mixed_tokens == 20
     assert b.mixed_keys() == [("mixed", bs, 20, p) for bs in (1, 2, 4, 6) for p in (2, 4, 8, 12)]
     assert b.all_keys() == b.prefill_keys() + b.decode_keys() + b.mixed_keys()
     assert len(set(b.all_keys())) == len(b.all_keys())
@@ -122,21 +122,14 @@ def test_prefill_and_decode_keys_of_a_tiny_config():
 
 @pytest.mark.parametrize(("budget", "chunk"), [(0, 0), (10, 4), (13, 4), (14, 8), (21, 8), (22, 16), (1000, 20)])
 def test_the_mixed_chunk_is_the_largest_prefill_bucket_beside_a_full_batch(budget, chunk):
-    b = Buckets.from_config(dataclasses.replace(TINY, max_num_batched_tokens=budget))
-    assert (b.mixed_chunk(TINY.max_batch) if budget else b.mixed_tokens) == chunk
-    assert bool(b.mixed_keys()) == bool(chunk)
+    config = dataclasses.replace(TINY, max_num_batched_tokens=budget)
+    assert Buckets.from_config(config).mixed_tokens == chunk
+    assert bool(Buckets.from_config(config).mixed_keys()) == bool(chunk)
 
 
-def test_a_smaller_batch_gets_a_larger_chunk_within_the_same_budget():
-    b = Buckets.from_config(dataclasses.replace(TINY, max_num_batched_tokens=13))
-    assert b.decode_batch == (1, 2, 4, 6) and b.mixed_chunks == (8, 8, 8, 4)  # 13 - 6 = 7: a chunk of 4
-    assert [b.mixed_chunk(rows) for rows in (1, 3, 5, 6)] == [8, 8, 4, 4]  # by the rows' batch bucket
-    assert [k[1:3] for k in b.mixed_keys()[:: len(b.context_pages)]] == [(1, 8), (2, 8), (4, 8), (6, 4)]
-
-
-def test_default_mixed_chunks_fill_a_40_token_step_or_take_the_smallest_bucket_and_none_for_one_sequence():
-    assert Buckets.from_config(EngineConfig()).mixed_chunks == (32, 32, 32, 32, 16)  # batches 1 to 16
-    # a speculative row feeds 1 + K tokens: the budget grows with it (40 (1 + K))
+def test_default_mixed_chunks_are_32_tokens_or_the_smallest_bucket_and_none_for_one_sequence():
+    assert Buckets.from_config(EngineConfig()).mixed_tokens == 32
+    # a speculative row feeds 1 + K tokens: the chunk grows with it (the largest bucket up to 32 (1 + K))
     assert Buckets.from_config(EngineConfig(num_speculative_tokens=4)).mixed_tokens == 128
     assert Buckets.from_config(EngineConfig(num_speculative_tokens=1)).mixed_tokens == 64
     big = EngineConfig(max_batch=4, min_prefill_tokens=128, max_prefill_tokens=512)

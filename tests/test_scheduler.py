@@ -58,7 +58,6 @@ class Driver:
         max_batch: int,
         max_prefill_tokens: int,
         mixed_tokens: int = 0,
-        mixed_chunk=None,
         caching: bool = False,
         packed_rows: int = 1,
         chunk_sizes: tuple[int, ...] = (),
@@ -70,7 +69,6 @@ class Driver:
             max_batch=max_batch,
             max_prefill_tokens=max_prefill_tokens,
             mixed_tokens=mixed_tokens,
-            mixed_chunk=mixed_chunk,
             packed_rows=packed_rows,
             max_pages=usable_pages,
             chunk_sizes=chunk_sizes,
@@ -411,25 +409,6 @@ def test_running_sequences_get_a_token_in_every_step_while_a_long_prompt_is_pref
         ("D", "c"),
     ]
     assert d.finished == {"a": expected([2], 8), "b": expected([3], 8), "c": expected([29], 2)}
-
-
-def test_a_mixed_steps_chunk_shrinks_as_its_decode_batch_grows():
-    # the step's token budget (graph/buckets.py): 8 prompt tokens beside one decode row, 4 beside two
-    d = Driver(64, page_size=4, max_batch=4, max_prefill_tokens=16, mixed_tokens=8,
-               mixed_chunk=lambda rows: 8 if rows == 1 else 4)  # fmt: skip
-    d.add("a", [1, 2], max_tokens=30)
-    d.step(), d.step()  # a is prefilled, then decodes: what comes next is not part of its burst
-    d.add("b", list(range(20)), max_tokens=30)
-    shapes = []
-    for _ in range(8):
-        step = d.step()
-        if isinstance(step, Mixed):
-            shapes.append((len(step.decode.seqs), step.prefill.tokens))
-        elif len(shapes) == 3:  # b decodes beside a: a third prompt arrives
-            d.add("c", list(range(12)), max_tokens=2)
-    assert shapes == [(1, 8), (1, 8), (1, 4), (2, 4), (2, 4), (2, 4)]  # b's 20 tokens, then c's 12
-    d.run()
-    assert d.finished == {"a": expected([2], 30), "b": expected([19], 30), "c": expected([11], 2)}
 
 
 def test_a_burst_is_prefilled_first_and_its_first_tokens_come_out_together():
