@@ -36,37 +36,26 @@ def _readme_serve_args(model: str | None) -> list[str]:
     return args
 
 
-# each bundled model with the README's command for it (None: the plain `make serve`)
-README_MODELS = {"smollm2-135m-instruct": None, "gemma3-270m": "gemma3-270m"}
-
-
-@pytest.fixture(scope="module")
-def servers(tmp_path_factory):
-    """Both bundled models' servers, started together: one loads its weights and warms up while the
-    other compiles (the suite's two longest starts, overlapped)."""
-    procs = {}
-    try:
-        for model, readme_model in README_MODELS.items():
-            log = tmp_path_factory.mktemp(model) / "serve.log"
-            procs[model] = start_make_serve([*_readme_serve_args(readme_model), "--port", "0"], log)
-        yield procs
-    finally:
-        for proc in procs.values():
-            os.killpg(proc.proc.pid, signal.SIGTERM)  # make and the server it started
-        for proc in procs.values():
-            proc.proc.wait(timeout=120)
-
-
-@pytest.mark.parametrize("model", [
-    pytest.param("smollm2-135m-instruct", id="smollm2-default"), pytest.param("gemma3-270m", id="gemma3"),
-])  # fmt: skip
-def test_bundled_model_serves_with_default_flags(model, servers, request):
+@pytest.mark.parametrize(
+    ("model", "readme_model"),
+    [
+        pytest.param("smollm2-135m-instruct", None, id="smollm2-default"),
+        pytest.param("gemma3-270m", "gemma3-270m", id="gemma3"),
+    ],
+)
+def test_bundled_model_serves_with_default_flags(model, readme_model, tmp_path, request):
     from tests.forward_loop import greedy_generate
 
-    reference = request.getfixturevalue(REFERENCE[model])  # the model loaded in this process, meanwhile
-    expected = reference.tokenizer.decode(greedy_generate(reference, reference.tokenizer.encode(PROMPT), TOKENS))
-    url = servers[model].wait_ready(timeout=1500)
-    body = {"model": model, "prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0, "ignore_eos": True}
-    response = httpx.post(url + "/v1/completions", json=body, timeout=300)
-    assert response.status_code == 200, response.text
-    assert response.json()["choices"][0]["text"] == expected
+    proc = start_make_serve([*_readme_serve_args(readme_model), "--port", "0"], tmp_path / "serve.log")
+    try:
+        url = proc.wait_ready(timeout=1500)
+        body = {"model": model, "prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0, "ignore_eos": True}
+        response = httpx.post(url + "/v1/completions", json=body, timeout=300)
+        assert response.status_code == 200, response.text
+        text = response.json()["choices"][0]["text"]
+    finally:
+        os.killpg(proc.proc.pid, signal.SIGTERM)  # make and the server it started
+        proc.proc.wait(timeout=120)
+    reference = request.getfixturevalue(REFERENCE[model])  # the model loaded in this process
+    ids = reference.tokenizer.encode(PROMPT)
+    assert text == reference.tokenizer.decode(greedy_generate(reference, ids, TOKENS))
