@@ -181,7 +181,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for flags in runs:
         for c, _ in levels:
-            cells = [_row(results[flags][c], results["llama.cpp"].get(c, {})) for results in rounds]
+            cells = [_row(results[flags][c], results["llama.cpp"].get(c)) for results in rounds]
             # one round: its numbers; several: each round's, separated by commas, then the median ratio
             joined = [", ".join(column) for column in zip(*cells, strict=True)]
             ratios = [r for results in rounds if (r := _ratio(results[flags][c], results["llama.cpp"].get(c)))]
@@ -194,7 +194,7 @@ def _ratio(ours: dict, theirs: dict | None) -> float | None:
     return ours["output_tok_per_s"] / theirs["output_tok_per_s"] if theirs else None
 
 
-def _row(ours: dict, theirs: dict) -> list[str]:
+def _row(ours: dict, theirs: dict | None) -> list[str]:
     """One round's table cells after the concurrency."""
     ratio = _ratio(ours, theirs)
     return [
