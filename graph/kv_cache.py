@@ -44,13 +44,6 @@ class PageAllocator:
     A full page's hash is chained over every token up to its end (`extend_hashes`), so equal hashes
     mean equal prefixes and therefore equal K/V (the pool belongs to one model, dtype and
     quantization, which salt the chain as well).
-
-    A sequence that leaves with its last page partly filled (a finished chat turn, a preempted
-    sequence) leaves that page as a cached *tail*, known by the hash of the full pages before it
-    and the tokens it holds: a later sequence that continues the same tokens (the conversation's
-    next turn, the preempted sequence's return) adopts it whole, keeps the K/V of the tokens they
-    share and writes its own after them (SGLang's token-granular reuse, for the one page where a
-    page-granular cache loses tokens). A tail is never shared: it has one holder or none.
     """
 
     def __init__(self, num_pages: int, *, caching: bool = False):
@@ -63,8 +56,6 @@ class PageAllocator:
         self._hash_of: dict[int, bytes] = {}  # page -> hash, for held and cached pages
         self._page_of: dict[bytes, int] = {}  # hash -> page
         self._lru: collections.OrderedDict[int, None] = collections.OrderedDict()  # cached, oldest first
-        self._tails: dict[bytes, tuple[int, tuple[int, ...]]] = {}  # parent hash -> (tail page, its tokens)
-        self._tail_of: dict[int, bytes] = {}  # tail page -> parent hash
 
     @property
     def num_free(self) -> int:
@@ -90,7 +81,7 @@ class PageAllocator:
                 page = self._free.pop()
             else:  # evict the least recently used cached page
                 page, _ = self._lru.popitem(last=False)
-                self._forget(page)
+                del self._page_of[self._hash_of.pop(page)]
             self._refs[page] = 1
             pages.append(page)
         return pages
@@ -109,7 +100,7 @@ class PageAllocator:
                 raise RuntimeError(f"page {p} freed twice")
             self._refs[p] -= 1
             if self._refs[p] == 0:
-                if p in self._hash_of or p in self._tail_of:
+                if p in self._hash_of:
                     self._lru[p] = None
                 else:
                     self._free.append(p)
@@ -134,57 +125,17 @@ class PageAllocator:
             self._page_of[h] = page
             self._hash_of[page] = h
 
-    def keep_tail(self, page: int, parent: bytes, tokens: tuple[int, ...]) -> None:
-        """`page`, partly filled with `tokens` after the full pages hashed `parent`, is about to lose
-        its one holder: cache it as the tail of that prefix (replacing an older tail there)."""
-        if not self.caching or not tokens or self._refs[page] != 1 or page in self._hash_of:
-            return
-        if (old := self._tails.get(parent)) is not None:
-            self._lru.pop(old[0])
-            self._forget(old[0])
-            self._free.append(old[0])
-        self._tails[parent] = (page, tokens)
-        self._tail_of[page] = parent
-
-    def adopt(self, parent: bytes, tokens: list[int]) -> tuple[int, int] | None:
-        """The cached tail after the full pages hashed `parent`, if its tokens begin like `tokens`:
-        -> (the page, now held and no longer cached; how many leading tokens it has K/V for)."""
-        entry = self._tails.get(parent) if self.caching else None
-        if entry is None:
-            return None
-        page, kept = entry
-        shared = 0
-        for a, b in zip(kept, tokens, strict=False):
-            if a != b:
-                break
-            shared += 1
-        if not shared:
-            return None
-        self._lru.pop(page)
-        self._forget(page)
-        self._refs[page] = 1
-        return page, shared
-
-    def _forget(self, page: int) -> None:
-        """Drop what the cache knows of `page` (a full page's hash or a tail's entry)."""
-        if page in self._hash_of:
-            del self._page_of[self._hash_of.pop(page)]
-        else:
-            del self._tails[self._tail_of.pop(page)]
-
     def refs(self, page: int) -> int:
         return self._refs[page]
 
     def reset_cache(self) -> int:
         """Forget every cached prefix (held pages stay held); -> how many pages were freed."""
-        for page in [*self._hash_of, *self._tail_of]:
+        for page in list(self._hash_of):
             if self._refs[page] == 0:
                 self._lru.pop(page)
                 self._free.append(page)
         self._hash_of.clear()
         self._page_of.clear()
-        self._tails.clear()
-        self._tail_of.clear()
         return self.num_free
 
     def check(self, holders: list[list[int]]) -> None:
@@ -197,11 +148,8 @@ class PageAllocator:
         assert len(free) == len(self._free) and not free & cached and 0 not in free | cached
         held = {p for p in range(1, self.num_pages) if self._refs[p]}
         assert free | cached | held == set(range(1, self.num_pages)) and not (free | cached) & held
-        known, tails = set(self._hash_of), set(self._tail_of)
-        assert cached == known - held | tails and not free & (known | tails) and not known & tails
-        assert tails <= cached, "a cached tail is held"
+        assert cached <= set(self._hash_of) and not free & set(self._hash_of)
         assert all(self._page_of[h] == p for p, h in self._hash_of.items())
-        assert all(self._tails[h][0] == p for p, h in self._tail_of.items()) and len(self._tails) == len(tails)
 
 
 def extend_hashes(hashes: list[bytes], tokens: list[int], page_size: int, salt: bytes, n: int) -> None:

@@ -260,20 +260,10 @@ class Scheduler:
         self._free(seq)
 
     def _free(self, seq: Sequence) -> None:
-        if self.allocator.caching:
-            self._keep_tail(seq)
         # last page first: the cache evicts the oldest first, so a prefix outlives its tail
         self.allocator.free(seq.pages[::-1])
         seq.pages = []
         seq.offered = 0
-
-    def _keep_tail(self, seq: Sequence) -> None:
-        """Leave `seq`'s partly filled last page (of computed, known tokens) to the prefix cache."""
-        known = min(seq.computed, seq.length - seq.unresolved)
-        full, rest = divmod(known, self.page_size)
-        if rest and full < len(seq.pages):
-            parent = self._hashes(seq, full)[-1] if full else self.salt
-            self.allocator.keep_tail(seq.pages[full], parent, tuple(seq.tokens[full * self.page_size : known]))
 
     def _hashes(self, seq: Sequence, n: int) -> list[bytes]:
         extend_hashes(seq.hashes, seq.tokens, self.page_size, self.salt, n)
@@ -285,15 +275,9 @@ class Scheduler:
         while self.waiting and len(self.running) < self.max_batch:
             seq = self.waiting[0]
             if self.allocator.caching and not seq.pages and seq.params.prompt_logprobs is None:
-                hashes = self._hashes(seq, (seq.length - 1) // self.page_size)
-                seq.pages = self.allocator.lookup(hashes)
+                seq.pages = self.allocator.lookup(self._hashes(seq, (seq.length - 1) // self.page_size))
                 seq.computed = len(seq.pages) * self.page_size
                 seq.offered = len(seq.pages)
-                # the page after them: a cached tail that begins with this sequence's next tokens
-                parent = hashes[len(seq.pages) - 1] if seq.pages else self.salt
-                if tail := self.allocator.adopt(parent, seq.tokens[seq.computed : seq.length - 1]):
-                    seq.pages.append(tail[0])
-                    seq.computed += tail[1]
             need = self.pages_for(seq.length) - len(seq.pages)
             if need > self.allocator.num_free:
                 self._free(seq)  # the cached pages stay cached

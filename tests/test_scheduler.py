@@ -566,15 +566,15 @@ def test_prompt_logprobs_requests_are_prefilled_in_full_but_still_fill_the_cache
 
 def test_cached_pages_are_evicted_least_recently_used_first_only_when_pages_run_out():
     d = Driver(4, page_size=4, max_batch=4, max_prefill_tokens=16, caching=True)
-    d.add("a", list(range(10, 15)), max_tokens=1)  # 1 full page and a tail (token 14) cached
+    d.add("a", list(range(10, 15)), max_tokens=1)  # 1 full page cached
     d.run()
-    d.add("b", list(range(20, 25)), max_tokens=1)  # 2 more
+    d.add("b", list(range(20, 25)), max_tokens=1)  # 1 more
     d.run()
-    assert d.allocator.num_cached == 4
-    d.add("a2", list(range(10, 15)), max_tokens=1)  # uses a's page again (its tail replaces a's): b's are the oldest
+    assert d.allocator.num_cached == 2
+    d.add("a2", list(range(10, 15)), max_tokens=1)  # uses a's page again: b's is now the oldest
     d.run()
     assert d.trace[-1] == ("D", "a2")
-    d.add("big", list(range(50, 61)), max_tokens=1)  # 3 pages: a's old tail, then evicts b's two
+    d.add("big", list(range(50, 61)), max_tokens=1)  # 3 pages of 4 free: evicts exactly one (b's)
     d.run()
     d.add("a3", list(range(10, 15)), max_tokens=1)
     d.run()
@@ -602,40 +602,6 @@ def test_a_preempted_sequence_finds_its_filled_pages_in_the_cache():
     ]
     assert (a.preemptions, b.preemptions) == (0, 1)
     assert d.finished == {"a": expected([12], 5), "b": expected([52], 3)}
-
-
-def test_the_next_turn_of_a_conversation_adopts_the_partly_filled_last_page_of_the_previous_one():
-    d = Driver(16, page_size=4, max_batch=4, max_prefill_tokens=16, caching=True)
-    a = d.add("a", list(range(10, 16)), max_tokens=4)  # 10..15, then 16..19: K/V for 10..18
-    d.run()
-    assert d.allocator.num_cached == 3  # 2 full pages (10..17) and the tail holding 18
-    b = d.add("b", [*a.tokens, 50, 51], max_tokens=2)  # the conversation so far, and a new message
-    d.run()
-    assert b.cached == 9 and d.trace[-2] == ("P", "b", 9, 3)  # 18 from the tail; 19, 50, 51 fed
-    assert d.finished["b"] == expected([51], 2)
-    c = d.add("c", [*a.tokens[:8], 30, 31], max_tokens=1)  # same full pages, then other tokens
-    d.run()
-    assert c.cached == 8 and d.trace[-1] == ("P", "c", 8, 2)  # b's tail (19..) does not begin with 30
-    d.allocator.check([])
-    assert d.allocator.reset_cache() == 16 and d.allocator.num_cached == 0
-
-
-def test_a_tail_is_adopted_by_one_sequence_and_evicted_like_any_cached_page():
-    allocator = PageAllocator(4, caching=True)
-    head, tail = allocator.allocate(2)
-    allocator.register(head, b"h")
-    allocator.keep_tail(tail, b"h", (5, 6))
-    allocator.free([tail, head])
-    assert allocator.num_cached == 2 and allocator.num_free == 3
-    assert allocator.adopt(b"h", [7]) is None  # other tokens
-    assert allocator.adopt(b"h", [5, 9]) == (tail, 1)  # held now: its slot 1 is the adopter's to write
-    assert allocator.adopt(b"h", [5, 6]) is None  # never shared
-    allocator.check([[tail]])
-    allocator.keep_tail(tail, b"h", (5,))
-    allocator.free([tail])
-    assert allocator.allocate(2) == [3, head]  # the free page, then the oldest cached page
-    assert allocator.allocate(1) == [tail] and allocator.adopt(b"h", [5]) is None  # evicted
-    allocator.check([[3, head, tail]])
 
 
 @pytest.mark.parametrize(("mixed_tokens", "packed_rows"), [(0, 1), (4, 1), (0, 3), (4, 3)])
