@@ -36,6 +36,7 @@ from gguf.quants import dequantize
 from models.errors import ModelLoadError
 
 log = logging.getLogger("models.gguf")
+_DEQUANTIZE_ROW_BYTES = 1 << 18
 
 # GGUF architecture -> Hugging Face model_type.
 ARCHITECTURES = {
@@ -423,22 +424,31 @@ def _dequantize(path: Path, info: TensorInfo, blob: np.ndarray | None = None) ->
     if blob is None:
         blob = np.memmap(path, np.uint8, "r")
     block, type_size = GGML_QUANT_SIZES[info.qtype]
-    raw = blob[info.start : info.start + info.nbytes]
-    byte_shape = (*info.shape[:-1], info.shape[-1] // block * type_size) if info.shape else (info.nbytes,)
+    raw = blob[info.start : info.start + info.nbytes].view(np.ndarray)  # a memmap's slices cost ~1 µs each
+    # gguf dequantizes 16 rows at a time: rows of up to 256 KiB (several rows of the tensor, which
+    # are contiguous) make far fewer numpy calls than rows of a few hundred bytes (SmolLM2's file:
+    # 1.6 -> 0.9 s; rows of 64 KiB or 1 MiB measured slower)
+    row_bytes = info.shape[-1] // block * type_size if info.shape else info.nbytes
+    rows = info.nbytes // row_bytes
+    merged = max(1, min(rows, _DEQUANTIZE_ROW_BYTES // row_bytes))
+    while rows % merged:
+        merged -= 1
     try:
-        out = dequantize(raw.reshape(byte_shape), info.qtype)
+        out = dequantize(raw.reshape(rows // merged, merged * row_bytes), info.qtype)
     except (ValueError, NotImplementedError) as e:  # e.g. the file shrank since its header was read
         raise ModelLoadError(f"{path}: could not read tensor {info.name} ({e})") from e
-    return np.array(out, dtype=np.float32, copy=True).reshape(info.shape)  # owned, not the mmap
+    out = np.asarray(out, dtype=np.float32).reshape(info.shape)
+    return out.copy() if np.may_share_memory(out, raw) else out  # owned, not the mmap
 
 
-def read_gguf(path: str | Path, *, progress: bool = True) -> GGUFCheckpoint:
+def read_gguf(path: str | Path, *, progress: bool = True, header: GGUFMetadata | None = None) -> GGUFCheckpoint:
     """Read a GGUF file into a Hugging Face config dict and float32 tensors in Hugging Face layout.
 
-    With `progress`, logs (logger "models.gguf") how far dequantization is, at most once a second.
-    Raises `ModelLoadError` (naming the file) for anything it cannot read.
+    `header`: the file's `read_gguf_metadata`, if the caller has it. With `progress`, logs (logger
+    "models.gguf") how far dequantization is, at most once a second. Raises `ModelLoadError`
+    (naming the file) for anything it cannot read.
     """
-    header = read_gguf_metadata(path)
+    header = header or read_gguf_metadata(path)
     cfg = hf_config_from_metadata(header)
     arch, path = header.architecture, header.path
     plan = []

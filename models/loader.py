@@ -30,7 +30,7 @@ from models.errors import ModelLoadError
 from models.params import DTYPES
 from models.safetensors_io import iter_tensors, safetensors_files
 from models.tokenizer import Tokenizer, load_tokenizer
-from models.weights import assemble_params
+from models.weights import assemble_params, small_pages
 
 log = logging.getLogger("models.loader")
 
@@ -123,10 +123,10 @@ def load_model(source: str | None = None, dtype: str = "float32") -> LoadedModel
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelLoadError(f"{path}: not a model: expected a .gguf file or a Hugging Face directory")
-        cfg, params, files = _load_gguf(path, dtype)
+        cfg, params, files, tokenizer = _load_gguf(path, dtype)
     else:
         cfg, params, files = _load_hf_dir(path, dtype)
-    tokenizer = load_tokenizer(path, eos_token_ids=cfg.eos_token_ids)
+        tokenizer = load_tokenizer(path, eos_token_ids=cfg.eos_token_ids)
     log.info("loaded %s in %.1fs", name, time.monotonic() - started)
     return LoadedModel(name, cfg, params, tokenizer, dtype, _fingerprint(cfg, dtype, files), path)
 
@@ -146,13 +146,15 @@ def _load_checkpoint_dir(path: Path, dtype: str, started: float) -> LoadedModel:
 
 
 def _load_gguf(path: Path, dtype: str):
-    from models.gguf import read_gguf
+    from models.gguf import read_gguf, read_gguf_metadata
 
-    ckpt = read_gguf(path)
-    cfg = ModelConfig.from_hf(ckpt.hf_config, source=str(path))
-    tensors = ((n, a, path) for n, a in ckpt.tensors.items())
-    params = assemble_params(cfg, tensors, DTYPES[dtype], source=str(path), total=len(ckpt.tensors))
-    return cfg, params, [path]
+    header = read_gguf_metadata(path)  # once: Gemma 3's 262k-token vocabulary takes a second to parse
+    with small_pages():
+        ckpt = read_gguf(path, header=header)
+        cfg = ModelConfig.from_hf(ckpt.hf_config, source=str(path))
+        tensors = ((n, a, path) for n, a in ckpt.tensors.items())
+        params = assemble_params(cfg, tensors, DTYPES[dtype], source=str(path), total=len(ckpt.tensors))
+    return cfg, params, [path], load_tokenizer(path, eos_token_ids=cfg.eos_token_ids, gguf_header=header)
 
 
 def _load_hf_dir(path: Path, dtype: str):

@@ -23,9 +23,12 @@ import functools
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from models.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from models.gguf import GGUFMetadata
 
 _REPLACEMENT = "\ufffd"  # what a decoder makes of an incomplete UTF-8 sequence
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
@@ -125,11 +128,14 @@ class Tokenizer:
         return self.encode(text, add_special_tokens=False)
 
 
-def load_tokenizer(path_or_dir: str | Path, *, eos_token_ids: Iterable[int] = ()) -> Tokenizer:
+def load_tokenizer(
+    path_or_dir: str | Path, *, eos_token_ids: Iterable[int] = (), gguf_header: GGUFMetadata | None = None
+) -> Tokenizer:
     """The tokenizer of a Hugging Face model directory or of a `.gguf` file.
 
-    `eos_token_ids` (usually the model config's) are added to the tokenizer's own end-of-sequence id.
-    Raises `ModelLoadError` naming the path when there is no usable tokenizer.
+    `eos_token_ids` (usually the model config's) are added to the tokenizer's own end-of-sequence id;
+    `gguf_header`: the file's `read_gguf_metadata`, if the caller has it. Raises `ModelLoadError`
+    naming the path when there is no usable tokenizer.
     """
     path = Path(path_or_dir)
     if path.is_dir():
@@ -140,7 +146,7 @@ def load_tokenizer(path_or_dir: str | Path, *, eos_token_ids: Iterable[int] = ()
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ModelLoadError(f"{path}: could not load the tokenizer ({type(e).__name__}: {e})") from e
     elif path.is_file():
-        hf = _gguf_tokenizer(path)
+        hf = _gguf_tokenizer(path, gguf_header)
     else:
         raise ModelLoadError(f"{path}: file not found")
     return Tokenizer(hf, eos_token_ids=eos_token_ids, name=str(path))
@@ -164,11 +170,11 @@ _GGUF_TOKENIZER_KEYS = {
 _SPECIAL_TOKENS = {"bos_token": "bos", "eos_token": "eos", "unk_token": "unknown", "pad_token": "padding"}
 
 
-def _gguf_tokenizer(path: Path) -> Any:
+def _gguf_tokenizer(path: Path, header: GGUFMetadata | None) -> Any:
     """A `PreTrainedTokenizerFast` from GGUF metadata, the way transformers builds it (without torch)."""
     from models.gguf import read_gguf_metadata
 
-    header = read_gguf_metadata(path)
+    header = header or read_gguf_metadata(path)
     md = header.metadata
     kind = md.get("tokenizer.ggml.model")
     if kind is None or "tokenizer.ggml.tokens" not in md:

@@ -53,7 +53,10 @@ def test_chat_stream_equals_non_stream(openai_client):
     assert finish == [whole.choices[0].finish_reason]
     streamed_lp = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
     assert streamed_lp == whole.choices[0].logprobs.content
-    assert chunks[-1].usage == whole.usage
+    # The same counts; only how many prompt tokens the prefix cache held may differ (the second
+    # request can find the first's pages, whatever ran before this test).
+    uncached = {"prompt_tokens_details"}
+    assert chunks[-1].usage.model_dump(exclude=uncached) == whole.usage.model_dump(exclude=uncached)
 
 
 def test_completion_stream_equals_non_stream(openai_client):
