@@ -19,7 +19,6 @@ from graph.api import EngineConfig
 from models.config import ModelConfig
 from models.layers import PACKED_BF16
 from models.params import DTYPES, Weights, abstract_weights, compute_axes, prepare
-from models.weights import small_pages
 
 
 def pipelined(config: EngineConfig) -> bool:
@@ -78,8 +77,7 @@ def device_weights(params: dict[str, Any], cfg: ModelConfig, config: EngineConfi
     """The loaded (checkpoint-form) parameters in compute form, on the mesh, each array in its
     sharding. Done on the host with numpy: a start from AOT artifacts must not compile even small
     programs."""
-    with small_pages():  # int8's preparation on 2 cores: 2.3-2.5 -> 1.2-1.6 s
-        host = prepare(jax.tree.map(np.asarray, params), cfg, xp=np, **weight_options(config))
+    host = prepare(jax.tree.map(np.asarray, params), cfg, xp=np, **weight_options(config))
     return jax.device_put(host, weight_shardings(cfg, str(np.dtype(params["embed"].dtype)), config))
 
 

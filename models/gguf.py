@@ -428,13 +428,13 @@ def _dequantize(path: Path, info: TensorInfo, blob: np.ndarray | None = None) ->
     # gguf dequantizes 16 rows at a time: rows of up to 256 KiB (several rows of the tensor, which
     # are contiguous) make far fewer numpy calls than rows of a few hundred bytes (SmolLM2's file:
     # 1.6 -> 0.9 s; rows of 64 KiB or 1 MiB measured slower)
-    row_bytes = info.shape[-1] // block * type_size if info.shape else info.nbytes
+    row_bytes = max(1, info.shape[-1] // block * type_size if info.shape else info.nbytes)
     rows = info.nbytes // row_bytes
     merged = max(1, min(rows, _DEQUANTIZE_ROW_BYTES // row_bytes))
     while rows % merged:
         merged -= 1
     try:
-        out = dequantize(raw.reshape(rows // merged, merged * row_bytes), info.qtype)
+        out = dequantize(raw.reshape(rows // merged, merged * row_bytes) if rows else raw, info.qtype)
     except (ValueError, NotImplementedError) as e:  # e.g. the file shrank since its header was read
         raise ModelLoadError(f"{path}: could not read tensor {info.name} ({e})") from e
     out = np.asarray(out, dtype=np.float32).reshape(info.shape)

@@ -30,7 +30,7 @@ from models.errors import ModelLoadError
 from models.params import DTYPES
 from models.safetensors_io import iter_tensors, safetensors_files
 from models.tokenizer import Tokenizer, load_tokenizer
-from models.weights import assemble_params, small_pages
+from models.weights import assemble_params
 
 log = logging.getLogger("models.loader")
 
@@ -149,11 +149,10 @@ def _load_gguf(path: Path, dtype: str):
     from models.gguf import read_gguf, read_gguf_metadata
 
     header = read_gguf_metadata(path)  # once: Gemma 3's 262k-token vocabulary takes a second to parse
-    with small_pages():
-        ckpt = read_gguf(path, header=header)
-        cfg = ModelConfig.from_hf(ckpt.hf_config, source=str(path))
-        tensors = ((n, a, path) for n, a in ckpt.tensors.items())
-        params = assemble_params(cfg, tensors, DTYPES[dtype], source=str(path), total=len(ckpt.tensors))
+    ckpt = read_gguf(path, header=header)
+    cfg = ModelConfig.from_hf(ckpt.hf_config, source=str(path))
+    tensors = ((n, a, path) for n, a in ckpt.tensors.items())
+    params = assemble_params(cfg, tensors, DTYPES[dtype], source=str(path), total=len(ckpt.tensors))
     return cfg, params, [path], load_tokenizer(path, eos_token_ids=cfg.eos_token_ids, gguf_header=header)
 
 

@@ -4,11 +4,10 @@ transforms, applied to any stream of (name, array) pairs (safetensors files or a
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import re
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -22,27 +21,6 @@ from models.errors import ModelLoadError
 from models.params import ParamSpec, describe
 
 log = logging.getLogger("models.weights")
-
-
-@contextlib.contextmanager
-def small_pages() -> Iterator[None]:
-    """numpy asks the kernel for transparent huge pages for every array of 4 MiB and more; where
-    the kernel then compacts memory at the first touch of each (THP `defrag=madvise`, a common
-    default, and slow on VMs whose memory comes from a balloon), filling fresh arrays takes
-    several times longer. Loading writes each weight once and computes nothing on it (the engine
-    copies the weights into the backend's own buffers), so it asks for small pages: SmolLM2's
-    load 4.6-5.1 -> 3.5-3.7 s on the 2-core CI machine."""
-    try:
-        from numpy._core.multiarray import _set_madvise_hugepage
-    except ImportError:  # another numpy: its default stands
-        yield
-        return
-    before = _set_madvise_hugepage(False)
-    try:
-        yield
-    finally:
-        _set_madvise_hugepage(before)
-
 
 # HF layout -> ours. Shapes: HF linear weights are [out, in]; ours are [in, ...out].
 _TRANSFORMS = {
