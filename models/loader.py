@@ -111,8 +111,9 @@ def _fingerprint(cfg: ModelConfig, dtype: str, files: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def load_model(source: str | None = None, dtype: str = "float32") -> LoadedModel:
-    """Load config, weights (as `dtype`) and tokenizer of a model source."""
+def load_model(source: str | None = None, dtype: str = "float32", tokenizer_cache: Path | None = None) -> LoadedModel:
+    """Load config, weights (as `dtype`) and tokenizer of a model source. `tokenizer_cache`: a
+    directory that keeps a GGUF file's converted tokenizer for the next load (models/tokenizer.py)."""
     if dtype not in DTYPES:
         raise ModelLoadError(f"unsupported dtype {dtype!r} (supported: {', '.join(DTYPES)})")
     name, path = resolve(source)
@@ -123,7 +124,7 @@ def load_model(source: str | None = None, dtype: str = "float32") -> LoadedModel
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelLoadError(f"{path}: not a model: expected a .gguf file or a Hugging Face directory")
-        cfg, params, files, tokenizer = _load_gguf(path, dtype)
+        cfg, params, files, tokenizer = _load_gguf(path, dtype, tokenizer_cache)
     else:
         cfg, params, files = _load_hf_dir(path, dtype)
         tokenizer = load_tokenizer(path, eos_token_ids=cfg.eos_token_ids)
@@ -145,7 +146,7 @@ def _load_checkpoint_dir(path: Path, dtype: str, started: float) -> LoadedModel:
     return LoadedModel(info.name, info.cfg, {}, tokenizer, dtype, info.fingerprint, path, info.checkpoint)
 
 
-def _load_gguf(path: Path, dtype: str):
+def _load_gguf(path: Path, dtype: str, tokenizer_cache: Path | None):
     from models.gguf import read_gguf, read_gguf_metadata
 
     header = read_gguf_metadata(path)  # once: Gemma 3's 262k-token vocabulary takes a second to parse
@@ -153,7 +154,12 @@ def _load_gguf(path: Path, dtype: str):
     cfg = ModelConfig.from_hf(ckpt.hf_config, source=str(path))
     tensors = ((n, a, path) for n, a in ckpt.tensors.items())
     params = assemble_params(cfg, tensors, DTYPES[dtype], source=str(path), total=len(ckpt.tensors))
-    return cfg, params, [path], load_tokenizer(path, eos_token_ids=cfg.eos_token_ids, gguf_header=header)
+    return (
+        cfg,
+        params,
+        [path],
+        load_tokenizer(path, eos_token_ids=cfg.eos_token_ids, gguf_header=header, cache_dir=tokenizer_cache),
+    )
 
 
 def _load_hf_dir(path: Path, dtype: str):

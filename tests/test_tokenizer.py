@@ -54,13 +54,19 @@ CONVERSATION = [
 
 
 @pytest.fixture(scope="module")
-def smollm2(smollm2_gguf) -> Tokenizer:
-    return load_tokenizer(smollm2_gguf, eos_token_ids=(2,))
+def tokenizer_cache(tmp_path_factory) -> Path:
+    """Where the module's tokenizers keep their conversions (each model's first load converts)."""
+    return tmp_path_factory.mktemp("tokenizers")
 
 
 @pytest.fixture(scope="module")
-def gemma3(gemma3_gguf) -> Tokenizer:
-    return load_tokenizer(gemma3_gguf, eos_token_ids=(1, 106))
+def smollm2(smollm2_gguf, tokenizer_cache) -> Tokenizer:
+    return load_tokenizer(smollm2_gguf, eos_token_ids=(2,), cache_dir=tokenizer_cache)
+
+
+@pytest.fixture(scope="module")
+def gemma3(gemma3_gguf, tokenizer_cache) -> Tokenizer:
+    return load_tokenizer(gemma3_gguf, eos_token_ids=(1, 106), cache_dir=tokenizer_cache)
 
 
 MODELS = ["smollm2", "gemma3"]
@@ -142,6 +148,39 @@ def test_gguf_tokenizers_load_without_torch(smollm2_gguf, gemma3_gguf, smollm2, 
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.splitlines()[-1]) == [smollm2.encode(text), gemma3.encode(text)]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_gguf_tokenizer_cache_gives_the_same_tokenizer(model, request, tokenizer_cache, caplog):
+    """A GGUF tokenizer read back from its cache (any load after the fixture's, which converted the
+    file and kept the result) is the converted one: same ids, text, special tokens and template."""
+    converted = request.getfixturevalue(model)
+    with caplog.at_level("INFO", logger="models.tokenizer"):
+        tok = load_tokenizer(converted.name, eos_token_ids=converted.eos_token_ids, cache_dir=tokenizer_cache)
+    assert "converted tokenizer from" in caplog.text
+    for text in TRICKY:
+        ids = converted.encode(text)
+        assert tok.encode(text) == ids and tok.decode(ids) == converted.decode(ids), text
+        assert tok.encode(text, add_special_tokens=False) == converted.encode(text, add_special_tokens=False)
+    assert (tok.vocab_size, tok.bos_token_id, tok.eos_token_ids) == (
+        converted.vocab_size, converted.bos_token_id, converted.eos_token_ids
+    )  # fmt: skip
+    assert tok.special_ids == converted.special_ids and tok.byte_fallback_ids == converted.byte_fallback_ids
+    assert tok.hf.chat_template == converted.hf.chat_template
+    if converted.has_chat_template:
+        assert tok.apply_chat_template(CONVERSATION) == converted.apply_chat_template(CONVERSATION)
+
+
+def test_damaged_gguf_tokenizer_cache_is_converted_again(smollm2, tmp_path, caplog):
+    cache = tmp_path / "tokenizers"
+    load_tokenizer(smollm2.name, cache_dir=cache)
+    (entry,) = cache.iterdir()
+    (entry / "tokenizer.json").write_text("{not json")
+    with caplog.at_level("INFO", logger="models.tokenizer"):
+        for _ in range(2):  # converted again and written back, then read back
+            assert load_tokenizer(smollm2.name, cache_dir=cache).encode(TRICKY[6]) == smollm2.encode(TRICKY[6])
+    assert caplog.text.count("does not read back") == 1 and caplog.text.count("converted tokenizer from") == 1
+    assert [e.name for e in cache.iterdir()] == [entry.name]  # in place, nothing left over
 
 
 def test_hugging_face_directory(tmp_path, smollm2):
