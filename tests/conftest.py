@@ -24,7 +24,7 @@ from models.loader import LoadedModel, load_model
 
 pytest.register_assert_rewrite("tests.server_fixtures")  # before its import below: its asserts explain failures
 
-from tests.server_fixtures import SMALL, compile_small_artifact  # noqa: E402
+from tests.server_fixtures import SMALL, EarlyServers, compile_small_artifact  # noqa: E402
 
 # The slow tier (`pytest -m "not slow"` leaves it out; `make test` runs it): every test that
 # compiles the real SmolLM2 or starts a server (through these fixtures, or as its module says with
@@ -58,16 +58,32 @@ def session_compile_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         yield path
 
 
-@pytest.fixture(scope="session")
-def smol_model() -> LoadedModel:
-    return load_model("smollm2-135m-instruct")
+@pytest.fixture(scope="session", autouse=True)
+def early_servers(
+    request: pytest.FixtureRequest, session_compile_cache: Path, tmp_path_factory
+) -> Iterator[EarlyServers]:
+    """The servers that selected tests start as the README says (tests/test_server_defaults.py),
+    begun now, in the background (tests/server_fixtures.py `EarlyServers`)."""
+    starts = {}
+    for item in request.session.items:
+        early = getattr(getattr(item, "module", None), "early_start", None)
+        if early is not None and hasattr(item, "callspec"):
+            starts.setdefault(*early(**item.callspec.params))
+    servers = EarlyServers(list(starts.items()), tmp_path_factory.mktemp("early-servers"))
+    yield servers
+    servers.stop()
 
 
 @pytest.fixture(scope="session")
-def gemma3_model() -> LoadedModel:
+def smol_model(session_compile_cache: Path) -> LoadedModel:
+    return load_model("smollm2-135m-instruct", tokenizer_cache=session_compile_cache / "tokenizers")
+
+
+@pytest.fixture(scope="session")
+def gemma3_model(session_compile_cache: Path) -> LoadedModel:
     """Gemma 3 270M, loaded once for the session's references (its 262k-token vocabulary and
     weights take ~14 s to load on 2 cores)."""
-    return load_model("gemma3-270m")
+    return load_model("gemma3-270m", tokenizer_cache=session_compile_cache / "tokenizers")
 
 
 @pytest.fixture(scope="session")
