@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m graph.aot") -> No
         compile_cache.configure(config.compile_cache)
     except ValueError as e:
         parser.error(str(e))
-    model = load_model(args.model, config.dtype, compile_cache.tokenizer_cache(config.compile_cache))
+    model = load_model(args.model, config.dtype, config.tokenizer_cache())
     try:
         check_mesh(model.cfg, config)
         check_weights(model, config)

@@ -6,6 +6,7 @@ only these types and `graph.engine.Engine`.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from models.params import DTYPES
 
@@ -130,6 +131,13 @@ class EngineConfig:
         for name in ("max_queue_wait", "debug_step_delay", "debug_fail_step"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 or more")
+
+    def tokenizer_cache(self) -> Path | None:
+        """Where a model load for this engine keeps a GGUF file's converted tokenizer: `tokenizers`
+        in the compile cache directory (graph/compile_cache.py), or None when that is off."""
+        from graph import compile_cache
+
+        return compile_cache.tokenizer_cache(self.compile_cache)
 
 
 STRUCTURED_KINDS = ("json_object", "json_schema", "regex", "choice", "grammar")

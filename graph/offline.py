@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
-from graph import compile_cache
 from graph.api import EngineConfig, RequestOutput, SamplingParams, TokenLogprob
 from graph.engine import Engine
 from models.loader import LoadedModel, load_model
@@ -32,9 +31,7 @@ class LLM:
     def __init__(self, model: str | LoadedModel | None = None, config: EngineConfig | None = None):
         config = dataclasses.replace(config or EngineConfig(), max_queue_wait=0)
         self.model = (
-            model
-            if isinstance(model, LoadedModel)
-            else load_model(model, config.dtype, compile_cache.tokenizer_cache(config.compile_cache))
+            model if isinstance(model, LoadedModel) else load_model(model, config.dtype, config.tokenizer_cache())
         )
         self.engine = Engine.create(self.model, config)
 

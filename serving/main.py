@@ -81,13 +81,10 @@ class _Server(uvicorn.Server):
 
 def load_engine(config: ServerConfig) -> Engine:
     """Load the model and build its engine (compiling, or loading AOT executables)."""
-    from graph import compile_cache
     from graph.engine import Engine
     from models import loader
 
-    model = loader.load_model(
-        config.model, config.engine.dtype, compile_cache.tokenizer_cache(config.engine.compile_cache)
-    )
+    model = loader.load_model(config.model, config.engine.dtype, config.engine.tokenizer_cache())
     return Engine.create(model, config.engine)
 
 
@@ -115,13 +112,10 @@ async def _in_daemon_thread(fn: Callable[[], Any]) -> Any:
 def follow(config: ServerConfig) -> int:
     """A process other than 0 of a multi-process server: load the same model, then run the steps
     process 0 publishes (graph/multihost.py)."""
-    from graph import compile_cache
     from models import loader
 
     try:
-        model = loader.load_model(
-            config.model, config.engine.dtype, compile_cache.tokenizer_cache(config.engine.compile_cache)
-        )
+        model = loader.load_model(config.model, config.engine.dtype, config.engine.tokenizer_cache())
         return follow_steps(model, config.engine)
     except (ModelLoadError, ArtifactMismatchError, ValueError) as e:
         log.error("%s", e)

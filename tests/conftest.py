@@ -24,7 +24,7 @@ from models.loader import LoadedModel, load_model
 
 pytest.register_assert_rewrite("tests.server_fixtures")  # before its import below: its asserts explain failures
 
-from tests.server_fixtures import SMALL, EarlyServers, compile_small_artifact  # noqa: E402
+from tests.server_fixtures import SMALL, compile_small_artifact  # noqa: E402
 
 # The slow tier (`pytest -m "not slow"` leaves it out; `make test` runs it): every test that
 # compiles the real SmolLM2 or starts a server (through these fixtures, or as its module says with
@@ -56,22 +56,6 @@ def session_compile_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(compile_cache, "default_dir", lambda: path)
         yield path
-
-
-@pytest.fixture(scope="session", autouse=True)
-def early_servers(
-    request: pytest.FixtureRequest, session_compile_cache: Path, tmp_path_factory
-) -> Iterator[EarlyServers]:
-    """The servers that selected tests start as the README says (tests/test_server_defaults.py),
-    begun now, in the background (tests/server_fixtures.py `EarlyServers`)."""
-    starts = {}
-    for item in request.session.items:
-        early = getattr(getattr(item, "module", None), "early_start", None)
-        if early is not None and hasattr(item, "callspec"):
-            starts.setdefault(*early(**item.callspec.params))
-    servers = EarlyServers(list(starts.items()), tmp_path_factory.mktemp("early-servers"))
-    yield servers
-    servers.stop()
 
 
 @pytest.fixture(scope="session")

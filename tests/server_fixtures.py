@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import functools
 import json
-import os
 import re
 import signal
 import subprocess
@@ -213,59 +212,13 @@ def compile_small_artifact(out: Path) -> Path:
     return out
 
 
-def start_make_serve(args: list[str], log_path: Path, nice: bool = False) -> ServerProcess:
-    """The README's `make serve ARGS="..."` (kill with `os.killpg`: make and the server it started);
-    `nice`: at the lowest CPU priority (`EarlyServers`)."""
-    make = ["nice", "-n", "19", "make"] if nice else ["make"]
+def start_make_serve(args: list[str], log_path: Path) -> ServerProcess:
+    """The README's `make serve ARGS="..."` (kill with `os.killpg`: make and the server it started)."""
+    make = ["make"]
     dry_run = subprocess.run(["make", "-n", "serve"], cwd=REPO, capture_output=True, text=True, check=True).stdout
     if stamp := re.search(r"^touch (\S+)$", dry_run, re.MULTILINE):  # a venv not made by make: take it as is
         make += ["-o", stamp[1]]
     return ServerProcess([], log_path, command=[*make, "serve", f"ARGS={' '.join([*cache_args(), *args])}"]).start()
-
-
-class EarlyServers:
-    """`make serve` starts begun when the session begins, one after another at the lowest CPU
-    priority, for tests that would otherwise start them and wait: a default bucket set takes a
-    minute or more to compile, and the rest of the suite leaves one of the 2 cores idle about half
-    the time (its single-threaded Python), which these compiles then use. A test takes its server
-    with `take` (None: none was started for it) and stops it; the session stops what is left."""
-
-    def __init__(self, starts: list[tuple[str, list[str]]], log_dir: Path) -> None:
-        self._started: dict[str, ServerProcess | None] = {}
-        self._stopped = False
-        self._changed = threading.Condition()
-        self._keys = [key for key, _ in starts]
-        threading.Thread(target=self._start_all, args=(starts, log_dir), daemon=True).start()
-
-    def _start_all(self, starts: list[tuple[str, list[str]]], log_dir: Path) -> None:
-        for key, args in starts:
-            proc = None
-            with self._changed:
-                if not self._stopped:
-                    with contextlib.suppress(Exception):  # the test starts its own and reports the failure
-                        proc = start_make_serve(args, log_dir / f"{key}.log", nice=True)
-                self._started[key] = proc
-                self._changed.notify_all()
-            with contextlib.suppress(Exception):  # one at a time: the next compiles when this one is ready
-                if proc is not None:
-                    proc.wait_for(READY, proc.stdout, timeout=1500)
-
-    def take(self, key: str) -> ServerProcess | None:
-        if key not in self._keys:
-            return None
-        with self._changed:
-            self._changed.wait_for(lambda: key in self._started)
-            return self._started.pop(key)
-
-    def stop(self) -> None:
-        with self._changed:
-            self._stopped = True
-            left = [p for p in self._started.values() if p is not None and p.proc.poll() is None]
-            self._started = dict.fromkeys(self._keys)
-        for proc in left:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.proc.pid, signal.SIGTERM)
-            proc.proc.wait(timeout=120)
 
 
 def start_server(aot: Path, log_path: Path, *extra: str) -> ServerProcess:

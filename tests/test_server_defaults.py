@@ -1,10 +1,7 @@
 """Every documented way to start the server works: each bundled model, started exactly as the
 README says (`make serve`, with only `--port 0` added so tests never collide), compiles its default
 bucket set, plans its KV pool, and answers a greedy completion identical to the model's own greedy
-continuation (tests/forward_loop.py, parity-tested against transformers). The session starts these
-servers when it begins, one after the other at the lowest CPU priority (tests/conftest.py
-`early_servers`): their compiles use the core the rest of the suite leaves idle, and each test
-finds its server ready or nearly so."""
+continuation (tests/forward_loop.py, parity-tested against transformers)."""
 
 from __future__ import annotations
 
@@ -46,16 +43,10 @@ def _readme_serve_args(model: str | None) -> list[str]:
         pytest.param("gemma3-270m", "gemma3-270m", id="gemma3"),
     ],
 )
-def early_start(model: str, readme_model: str | None) -> tuple[str, list[str]]:
-    """-> (the key, `make serve` arguments) of the server a test of this module starts: the session
-    begins it early (tests/conftest.py `early_servers`)."""
-    return model, [*_readme_serve_args(readme_model), "--port", "0"]
-
-
-def test_bundled_model_serves_with_default_flags(model, readme_model, tmp_path, request, early_servers):
+def test_bundled_model_serves_with_default_flags(model, readme_model, tmp_path, request):
     from tests.forward_loop import greedy_generate
 
-    proc = early_servers.take(model) or start_make_serve(early_start(model, readme_model)[1], tmp_path / "serve.log")
+    proc = start_make_serve([*_readme_serve_args(readme_model), "--port", "0"], tmp_path / "serve.log")
     try:
         url = proc.wait_ready(timeout=1500)
         body = {"model": model, "prompt": PROMPT, "max_tokens": TOKENS, "temperature": 0, "ignore_eos": True}
