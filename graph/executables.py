@@ -131,12 +131,6 @@ class _Progress:
             log.info("compiled %d/%d %s in %.1fs", self.finished, self.total, name, seconds)
 
 
-def lower(cfg: ModelConfig, dtype: str, config: EngineConfig, num_pages: int, key: Key) -> dict[str, Any]:
-    """The lowered (not yet compiled) executables of one table entry, by name."""
-    fns = lowerings(cfg, dtype, config, num_pages, key, config.max_seq_len)
-    return {n: fn() for n, fn in fns.items()}
-
-
 @dataclasses.dataclass
 class ExecutableTable:
     cfg: ModelConfig

@@ -13,7 +13,7 @@ import dataclasses
 import hashlib
 import logging
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,7 @@ import numpy as np
 
 from graph.api import EngineConfig
 from graph.buckets import Buckets
-from graph.executables import lower
+from graph.executables import ExecutableTable
 from graph.layout import abstract_device_weights, kv_dtype, mesh_of, weight_bytes, weight_bytes_per_device
 from models.config import ModelConfig
 from models.params import DTYPES
@@ -226,14 +226,14 @@ def plan_pages(plan: MemoryPlan, bytes_per_page: int, max_pages_per_seq: int) ->
 
 def plan_num_pages(model: LoadedModel, config: EngineConfig, buckets: Buckets) -> int:
     """Size the pool: the budget from `memory_plan`, with the temporaries of the largest executable
-    from its own memory analysis (compiled once with a minimal pool, which does not change them)."""
+    from its own memory analysis (the pool's size does not change them).
+
+    That executable is compiled for the pool the plan would give without temporaries: on CPU,
+    where the pool is capped at what the decode batch can use, that is the pool it gets, and the
+    table then finds the executable in the compilation cache's store instead of compiling it a
+    second time; and a start that has the store reads it from there instead of lowering it."""
     if config.kv_pages is not None:
         return plan_pages(MemoryPlan(config.kv_pages, 0, "", 1.0), 1, buckets.max_pages)
-    largest_prefill = max(buckets.prefill_keys(), key=lambda k: (k[2], k[3]))
-    probes = lower(model.cfg, model.dtype, config, buckets.max_pages + 1, largest_prefill)
-    temps = {n: _temp_bytes(p.compile()) for n, p in probes.items()}
-    owner = max(temps, key=temps.get)
-    temp = temps[owner]
     per_page = kv_bytes_per_page(model.cfg, config.page_size, kv_dtype(config, model.dtype))
     full_batch = (config.max_batch * buckets.max_pages + 1) * per_page
     mesh = mesh_of(config)
@@ -244,6 +244,15 @@ def plan_num_pages(model: LoadedModel, config: EngineConfig, buckets: Buckets) -
     else:  # one device's share of the weights, and of each page (its KV heads)
         weights = weight_bytes_per_device(model.cfg, model.dtype, config)
         per_page //= config.tensor_parallel
+    try:
+        probe_pages = plan_pages(memory_plan(config, weights, 0, "", full_batch), per_page, buckets.max_pages)
+    except ValueError:  # too small even so: the plan below says how
+        probe_pages = buckets.max_pages + 1
+    largest_prefill = max(buckets.prefill_keys(), key=lambda k: (k[2], k[3]))
+    probe = ExecutableTable.compile(model.cfg, model.dtype, config, buckets, probe_pages, keys=[largest_prefill])
+    temps = {n: m.get("temp_size_in_bytes", 0) for n, m in probe.memory.items() if n != "init_kv"}
+    owner = max(temps, key=temps.get)
+    temp = temps[owner]
     plan = memory_plan(config, weights, temp, owner, full_batch)
     pages = plan_pages(plan, per_page, buckets.max_pages)
     log.info(
@@ -251,11 +260,6 @@ def plan_num_pages(model: LoadedModel, config: EngineConfig, buckets: Buckets) -
         pages, pages * per_page / 2**20, plan.available / 2**20, temp / 2**20, plan.temp_owner,
     )  # fmt: skip
     return pages
-
-
-def _temp_bytes(compiled: Any) -> int:
-    analysis = compiled.memory_analysis()
-    return int(getattr(analysis, "temp_size_in_bytes", 0) or 0) if analysis is not None else 0
 
 
 def kv_bytes_per_page(cfg: ModelConfig, page_size: int, dtype: str) -> int:

@@ -115,6 +115,28 @@ def test_second_start_with_a_warm_cache_compiles_nothing(tiny_model, warm, caplo
     assert events["compiles"] == events["hits"]
 
 
+def test_a_planned_pool_compiles_each_executable_once_and_a_warm_start_lowers_nothing(tiny_model, tmp_path):
+    """Sizing the pool from the host's memory needs the largest executable's temporaries: it is
+    compiled for the pool the plan then gives (CPU: the decode batch's cap), so the table takes it
+    from the store instead of compiling it again; and a warm start reads it from there too."""
+    from graph.offline import LLM
+
+    config = dataclasses.replace(TINY, kv_pages=None, max_batch=2, compile_cache=str(tmp_path / "xla"))
+    for start in ("cold", "warm"):
+        with Events() as events:
+            llm = LLM(tiny_model, config)
+        try:
+            executables = len(llm.engine.table.executables)
+            assert llm.engine.table.num_pages == config.max_batch * config.max_seq_len // config.page_size + 1
+            assert llm.generate([[1, 2, 3]], SamplingParams(max_tokens=4, temperature=0))[0].token_ids
+        finally:
+            llm.shutdown()
+        if start == "cold":
+            assert events["hits"] == 0 and events["compiles"] == executables
+        else:
+            assert events["requests"] == 0, events
+
+
 @pytest.mark.parametrize("damage", ["code change", "truncated entries", "altered entries"])
 def test_start_past_the_executable_store_loads_from_jax_cache(tiny_model, warm, caplog, monkeypatch, request, damage):
     """The store's key misses after any change to graph/ or models/, and a truncated or altered
