@@ -228,16 +228,17 @@ def plan_num_pages(model: LoadedModel, config: EngineConfig, buckets: Buckets) -
     """Size the pool: the budget from `memory_plan`, with the temporaries of the largest executable
     from its own memory analysis (the pool's size does not change them).
 
-    That executable is compiled for the pool the plan would give without temporaries: on CPU,
-    where the pool is capped at what the decode batch can use, that is the pool it gets, and the
-    table then finds the executable in the compilation cache's store instead of compiling it a
-    second time; and a start that has the store reads it from there instead of lowering it."""
+    That executable is compiled through the table (its store and jax's cache), for the pool the
+    plan would give without temporaries when that pool is fixed: on CPU, where the pool is capped
+    at what the decode batch can use, or with `--kv-memory-gb`, that is the pool it gets, and the
+    table then finds the executable in the store instead of compiling it a second time. A start
+    that has the store reads it from there instead of lowering it."""
     if config.kv_pages is not None:
         return plan_pages(MemoryPlan(config.kv_pages, 0, "", 1.0), 1, buckets.max_pages)
     per_page = kv_bytes_per_page(model.cfg, config.page_size, kv_dtype(config, model.dtype))
     full_batch = (config.max_batch * buckets.max_pages + 1) * per_page
-    mesh = mesh_of(config)
-    if all(d.platform == "cpu" for d in mesh.devices.flat):  # host memory: the loaded weights
+    on_host = all(d.platform == "cpu" for d in mesh_of(config).devices.flat)
+    if on_host:  # host memory: the loaded weights
         # (a converted model loads none: the compute form it restores)
         loaded = model.params if model.checkpoint is None else abstract_device_weights(model.cfg, model.dtype, config)
         weights = weight_bytes(loaded)
@@ -245,9 +246,14 @@ def plan_num_pages(model: LoadedModel, config: EngineConfig, buckets: Buckets) -
         weights = weight_bytes_per_device(model.cfg, model.dtype, config)
         per_page //= config.tensor_parallel
     try:
-        probe_pages = plan_pages(memory_plan(config, weights, 0, "", full_batch), per_page, buckets.max_pages)
+        guess = plan_pages(memory_plan(config, weights, 0, "", full_batch), per_page, buckets.max_pages)
     except ValueError:  # too small even so: the plan below says how
-        probe_pages = buckets.max_pages + 1
+        guess = 0
+    # a pool that does not follow the free memory (a fixed budget, or the CPU cap) is the same at
+    # every start; any other is probed at a fixed size, so that the store keeps one probe, not one
+    # a start
+    fixed = guess > 0 and (config.kv_memory_gb is not None or (on_host and guess == full_batch // per_page))
+    probe_pages = guess if fixed else buckets.max_pages + 1
     largest_prefill = max(buckets.prefill_keys(), key=lambda k: (k[2], k[3]))
     probe = ExecutableTable.compile(model.cfg, model.dtype, config, buckets, probe_pages, keys=[largest_prefill])
     temps = {n: m.get("temp_size_in_bytes", 0) for n, m in probe.memory.items() if n != "init_kv"}
