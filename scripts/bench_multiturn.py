@@ -5,6 +5,12 @@ close to turn 1's instead of growing with the history. `--repeat N` replays N co
 words each time) and reports each turn's median TTFT: one replay's turn is a single sample.
 
     .venv/bin/python scripts/bench_multiturn.py --ours "" --ours=--no-enable-prefix-caching
+
+`--llama-server BINARY` replays the same conversations against llama.cpp's server too (one slot,
+the model's own GGUF, `-t 2`, its default prompt cache: the slot keeps the previous turn's KV and
+prefills only what follows the common prefix), in the same sitting: the same 1.5x bound read on a
+peer. Each server's replies are its own (greedy, each its own weights' numerics), so the histories
+differ a little in their words, not in their length (64 tokens a reply).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):  # run as a script: make the repo's packages importable
     sys.path.insert(0, str(REPO))
 
-from scripts.bench_vs_llamacpp import xlaserve  # noqa: E402
+from scripts.bench_vs_llamacpp import llamacpp, xlaserve  # noqa: E402
 
 WORDS = "the sea ship wind sail north river harbour light storm calm crew deck map star night morning".split()
 
@@ -57,7 +63,8 @@ def replay(url: str, turns: int, words: int, max_tokens: int, seed: int) -> list
     rng = random.Random(seed)
     messages: list[dict] = []
     ttfts = []
-    with httpx.Client(base_url=url, timeout=600) as client:
+    # a connection per request: llama.cpp's server drops a kept-alive one after a stream
+    with httpx.Client(base_url=url, timeout=600, limits=httpx.Limits(max_keepalive_connections=0)) as client:
         model = client.get("/v1/models").json()["data"][0]["id"]
         for _ in range(turns):
             question = " ".join(rng.choice(WORDS) for _ in range(words))
@@ -77,17 +84,26 @@ def main() -> None:
     parser.add_argument("--words", type=int, default=50)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=1, help="conversations per flag set (median TTFT per turn)")
+    parser.add_argument("--llama-server", help="llama.cpp's llama-server binary: replay against it as well")
     args = parser.parse_args()
+    servers = [(f or "(defaults)", lambda f=f: xlaserve(args.model, shlex.split(f))) for f in args.ours or [""]]
+    if args.llama_server:
+        from models.loader import resolve
+
+        gguf = resolve(args.model)[1]
+        per_slot = args.turns * (args.words * 2 + args.max_tokens + 64) + 512  # the whole conversation
+        servers.append(("llama.cpp", lambda: llamacpp(args.llama_server, gguf, 1, per_slot)))
     rows = []
-    for flags in args.ours or [""]:
-        with xlaserve(args.model, shlex.split(flags)) as url:
+    for name, server in servers:
+        print(name, flush=True)
+        with server() as url:
             replay(url, 2, args.words, args.max_tokens, seed=99)  # warm up
             runs = [replay(url, args.turns, args.words, args.max_tokens, seed=1 + i) for i in range(args.repeat)]
         ttfts = [statistics.median(turn) for turn in zip(*runs, strict=True)]
-        rows.append((flags or "(defaults)", ttfts))
-        print(flags, json.dumps([round(t * 1000) for t in ttfts]), flush=True)
+        rows.append((name, ttfts))
+        print(name, json.dumps([round(t * 1000) for t in ttfts]), flush=True)
     print(f"\nmedian of {args.repeat} conversation(s) per turn")
-    print(f"\n| xlaserve flags | TTFT turn 1 ms | TTFT turn {args.turns} ms | ratio | every turn (ms) |")
+    print(f"\n| server (xlaserve flags) | TTFT turn 1 ms | TTFT turn {args.turns} ms | ratio | every turn (ms) |")
     print("|---|---|---|---|---|")
     for flags, t in rows:
         print(f"| {flags} | {t[0] * 1000:.0f} | {t[-1] * 1000:.0f} | {t[-1] / t[0]:.2f}x | "
