@@ -8,7 +8,8 @@ batch; by default the largest up to `DEFAULT_MIXED_CHUNK` tokens, times 1 + K wi
 tokens; none with `max_batch` 1). With speculative decoding
 (`num_speculative_tokens` K), speculative decode steps are `[batch, 1 + K]` for the decode batch
 buckets up to `speculative_max_batch`. Sizes are powers of two
-between a minimum and a maximum (the maximum itself is always included, even if not a power of two).
+between a minimum and a maximum (the maximum itself is always included, even if not a power of two);
+prefill chunks also come in every multiple of `prefill_bucket_step` up to `LINEAR_STEPS` of them.
 """
 
 from __future__ import annotations
@@ -32,6 +33,15 @@ from graph.layout import int8_activations
 DEFAULT_MIXED_CHUNK = 32
 
 
+# Prefill buckets step linearly up to this many `prefill_bucket_step`s (16: up to 128 tokens), then
+# double. A step has a fixed cost, its weights' reading (SmolLM2 float32 on 2 cores: ~40 ms, what ~25
+# prompt tokens cost): below 128 tokens, padding to the next power of two wastes up to 63 tokens, more
+# than a second step costs, so 68 tokens went as 64 + 16 (211 ms) where one step of 80 takes 154 ms.
+# Past 128 the scheduler cuts a chunk at a bucket instead of padding it far (`Scheduler._fit`), and
+# the rest lands in the fine buckets. 8 steps add 4 buckets to the default set (12 executables).
+LINEAR_STEPS = 8
+
+
 def w8a8(c: EngineConfig) -> bool:
     """Whether the weights multiply as int8 x int8 (`--quantize int8` on CPU: graph/layout.py)."""
     return c.quantize == "int8" and int8_activations()
@@ -45,6 +55,13 @@ def powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
     if not out or out[-1] != hi:
         out.append(hi)
     return tuple(out)
+
+
+def prefill_sizes(lo: int, hi: int, step: int) -> tuple[int, ...]:
+    """Chunk buckets in [lo, hi]: powers of two (and hi), and the multiples of `step` up to
+    LINEAR_STEPS of them: prefill_sizes(16, 512, 16) == (16, 32, 48, ..., 128, 256, 512)."""
+    linear = range(step, min(hi, LINEAR_STEPS * step) + 1, step) if step else ()
+    return tuple(sorted({*powers_of_two(lo, hi), *(t for t in linear if t >= lo)}))
 
 
 def pick(buckets: tuple[int, ...], n: int) -> int:
@@ -75,7 +92,7 @@ class Buckets:
             min_pages = max_pages
         else:
             min_pages = min(max(1, c.min_context_tokens // c.page_size), max_pages)
-        prefill_tokens = powers_of_two(min(c.min_prefill_tokens, max_chunk), max_chunk)
+        prefill_tokens = prefill_sizes(min(c.min_prefill_tokens, max_chunk), max_chunk, c.prefill_bucket_step)
         if c.max_batch == 1:  # one sequence is either prefilling or decoding: never both
             mixed = 0
         elif c.max_num_batched_tokens is None:  # default: the largest bucket up to the default chunk, else the smallest

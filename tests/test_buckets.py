@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 
 from graph.api import EngineConfig
-from graph.buckets import Buckets, pick, powers_of_two
+from graph.buckets import Buckets, pick, powers_of_two, prefill_sizes
 
 # page_size 4, 12 pages of context, chunks up to 20 tokens: every maximum is a non-power of two
 TINY = EngineConfig(
@@ -58,9 +58,26 @@ def test_from_config_with_non_power_of_two_maxima():
     assert b.max_pages == 12
 
 
+@pytest.mark.parametrize(
+    ("lo", "hi", "step", "expected"),
+    [
+        (16, 512, 16, (16, 32, 48, 64, 80, 96, 112, 128, 256, 512)),  # 8 steps of 16, then doubling
+        (16, 64, 16, (16, 32, 48, 64)),
+        (64, 64, 16, (64,)),
+        (4, 20, 16, (4, 8, 16, 20)),  # powers of two below the step
+        (20, 100, 16, (32, 48, 64, 80, 96, 100)),  # from the minimum's power of two on, as without steps
+        (16, 512, 32, (16, 32, 64, 96, 128, 160, 192, 224, 256, 512)),
+        (16, 512, 0, (16, 32, 64, 128, 256, 512)),  # 0: powers of two only
+    ],
+)
+def test_prefill_sizes_step_linearly_up_to_eight_steps_then_double(lo, hi, step, expected):
+    assert prefill_sizes(lo, hi, step) == expected
+
+
 def test_from_config_defaults():
     b = Buckets.from_config(EngineConfig())
-    assert b.prefill_tokens == (16, 32, 64, 128, 256, 512)
+    assert b.prefill_tokens == (16, 32, 48, 64, 80, 96, 112, 128, 256, 512)
+    assert b.mixed_tokens == 32
     assert b.decode_batch == (1, 2, 4, 8, 16)
     assert b.context_pages == (128,)  # one: attention costs what a step's context holds, not its bucket
     assert b.max_pages == 128

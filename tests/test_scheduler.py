@@ -477,19 +477,24 @@ def test_the_budget_left_by_the_oldest_prompt_goes_to_the_next_one_cut_to_fit():
     assert d.finished == {"a": [10], "b": [20]}
 
 
+POWERS = (16, 64, 128, 256, 512)
+STEPPED = (16, 32, 48, 64, 80, 96, 112, 128, 256, 512)  # the default bucket set (graph/buckets.py)
+
+
 @pytest.mark.parametrize(
-    ("lengths", "first_chunks"),
+    ("lengths", "chunk_sizes", "first_chunks"),
     [
-        ([134], [("a", 0, 128)]),  # 128 + 6 costs less than padding 134 up to 256
-        ([200], [("a", 0, 200)]),  # 128 + 72 would cost as much as 256, and one step more
-        ([100, 34], [("a", 0, 100), ("b", 0, 28)]),  # the cut falls in the last prompt packed
-        ([120], [("a", 0, 120)]),  # within a compiled length: nothing to cut
+        ([134], POWERS, [("a", 0, 128)]),  # 128 + 6 costs less than padding 134 up to 256
+        ([200], POWERS, [("a", 0, 200)]),  # 128 + 72 would cost as much as 256, and one step more
+        ([100, 34], POWERS, [("a", 0, 100), ("b", 0, 28)]),  # the cut falls in the last prompt packed
+        ([120], POWERS, [("a", 0, 120)]),  # within a compiled length: nothing to cut
+        ([68], POWERS, [("a", 0, 64)]),  # 64 + 4 costs less than padding 68 up to 128
+        ([68], STEPPED, [("a", 0, 68)]),  # with a bucket of 80: one step
+        ([200], STEPPED, [("a", 0, 128)]),  # 128 + 72 (in 80) costs less than 256
     ],
 )
-def test_a_chunk_just_past_a_compiled_length_is_cut_there_instead_of_padded(lengths, first_chunks):
-    d = Driver(
-        64, page_size=16, max_batch=4, max_prefill_tokens=512, packed_rows=4, chunk_sizes=(16, 64, 128, 256, 512)
-    )
+def test_a_chunk_just_past_a_compiled_length_is_cut_there_instead_of_padded(lengths, chunk_sizes, first_chunks):
+    d = Driver(64, page_size=16, max_batch=4, max_prefill_tokens=512, packed_rows=4, chunk_sizes=chunk_sizes)
     for name, n in zip("ab", lengths, strict=False):
         d.add(name, list(range(n)), max_tokens=2)
     d.step()
