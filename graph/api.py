@@ -78,8 +78,8 @@ class EngineConfig:
     speculative_max_batch: int = 4  # decode batches larger than this are not speculated (each row costs K+1)
     min_prefill_tokens: int = 16  # smallest prefill bucket
     # prefill buckets are powers of two and also every multiple of this up to 8 of them (16: 16, 32,
-    # 48, ..., 128, 256, 512): a short prompt pads by under 16 tokens instead of up to 2x, in one step
-    # (SmolLM2 on 2 cores: 68 tokens took 211 ms as 64 + 16 against 154 ms as 80); 0: powers of two only
+    # 48, ..., 128, 256, 512), so a short prompt pads by under 16 tokens (graph/buckets.py
+    # `LINEAR_STEPS`); 0: powers of two only
     prefill_bucket_step: int = 16
     # smallest context bucket (page-table width); None: one bucket, the whole context. Attention
     # loops over only the keys a step can see, so narrower tables save little on CPU
