@@ -198,6 +198,7 @@ class ExecutableTable:
                 raise UncompiledShapeError(f"no compiled executable for {key}; buckets: {self.buckets}")
             program = self._programs[key] = StepProgram(
                 self.cfg,
+                key,
                 [self.executables[n] for n in names],
                 sharded_inputs(self.cfg, self.config, key, self.config.max_seq_len),
                 mesh_of(self.config),

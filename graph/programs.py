@@ -2,10 +2,13 @@
 
 - `scan` and `unroll`: one executable, `step(weights, kv, inputs)`, the layers under `lax.scan`
   (stacked weights: the layout TPU fuses) or unrolled over per-layer buffers.
-- `layered` (the CPU default): a chain of three executables: `front` (embedding and rotary tables,
+- `layered` (the CPU default): a chain of executables: `front` (embedding and rotary tables,
   per batch and token bucket), `layers` called once per group of `group_size(cfg)` layers with
   those layers' weight buffers and the KV pool donated (per batch, token and context bucket), then
-  `head` (final norm, logits, sampling, prompt logprobs; per phase, batch and token bucket). It
+  a head: for a decode batch `head` (final norm, logits, sampling; per batch and token bucket), for
+  a prefill chunk `tail` (final norm, the sampled rows, prompt logprobs; per chunk length) and
+  `pick` (logits and sampling of those rows, one for every chunk length: sampling is most of a
+  head's compile time, 1.8 of SmolLM2's 2.5 s, where the prompt logprobs take 0.6). It
   reads each layer's weights in place as `unroll` does (XLA:CPU copies a scanned layer's slice of
   a stacked weight before using it, ~1.7x at batch 1), yet compiles one group instead of every
   layer: SmolLM2's table compiles in about the time of `scan`'s, where `unroll`'s took 3-4x
@@ -31,7 +34,23 @@ from graph import sharding
 from graph.api import EngineConfig
 from graph.buckets import Buckets
 from graph.layout import abstract_device_weights, kv_storage, layer_loop, mesh_of
-from graph.step import Key, State, StepInputs, abstract_inputs, carry_size, front, head, init_kv, layers, step
+from graph.step import (
+    Key,
+    State,
+    StepInputs,
+    StepOutputs,
+    abstract_inputs,
+    carry_size,
+    front,
+    head,
+    init_kv,
+    layers,
+    pick,
+    rows_of,
+    rows_only,
+    step,
+    tail,
+)
 from models import transformer
 from models.config import ModelConfig
 from models.layers import KVCache, kv_shape
@@ -60,8 +79,16 @@ def unit_names(key: Key, loop: str) -> list[str]:
     return [
         *(f"front_b{sb}_t{st}" for _, sb, st in segs),
         "layers_" + "+".join(f"b{sb}_t{st}" for _, sb, st in segs) + f"_p{p}",
-        *(f"head_{sp}_b{sb}_t{st}" for sp, sb, st in segs),
+        *(n for seg in segs for n in head_names(*seg)),
     ]
+
+
+def head_names(phase: str, b: int, t: int) -> list[str]:
+    """A segment's head under the layered loop: one executable for a decode batch; for a prefill
+    chunk a `tail` per chunk length and a `pick` (its sampling) that every chunk length shares."""
+    if phase == "prefill":
+        return [f"tail_b{b}_t{t}", f"pick_r{rows_of(phase, b, t)}"]
+    return [f"head_{phase}_b{b}_t{t}"]
 
 
 def group_size(cfg: ModelConfig) -> int:
@@ -152,10 +179,21 @@ def lowerings(
             ropes,
         )
     )
-    for name, h, inp, p in zip(names[n + 1 :], hs, inputs, prefill, strict=True):
-        out[name] = precise(
-            lambda h=h, inp=inp, p=p: jax.jit(functools.partial(head, cfg=cfg, prefill=p), out_shardings=rep).lower(
-                top, h, for_head(inp), state.sampled
+    tail_fn, pick_fn = functools.partial(tail, cfg=cfg), functools.partial(pick, cfg=cfg)
+    for (sp, sb, st), h, inp in zip(segs, hs, inputs, strict=True):
+        names = head_names(sp, sb, st)
+        if sp != "prefill":
+            fn = functools.partial(head, cfg=cfg, prefill=False)
+            out[names[0]] = precise(
+                lambda fn=fn, h=h, inp=inp: jax.jit(fn, out_shardings=rep).lower(top, h, for_head(inp), state.sampled)
+            )
+            continue
+        out[names[0]] = precise(lambda h=h, inp=inp: jax.jit(tail_fn, out_shardings=rep).lower(top, h, for_head(inp)))
+        rows = jax.eval_shape(tail_fn, top, h, for_head(inp))
+        last, pos, _ = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), rows)
+        out[names[1]] = precise(
+            lambda last=last, pos=pos, inp=inp: jax.jit(pick_fn, out_shardings=rep).lower(
+                top, last, pos, rows_only(inp), state.sampled
             )
         )
     return out
@@ -198,11 +236,17 @@ def _same(a: Any, b: Any) -> bool:
 
 class StepProgram:
     """The callable of one bucket: `(weights, state, per-segment inputs) -> (state, per-segment StepOutputs)`.
-    `inputs` are the abstract inputs of its segments, carrying their shardings."""
+    `units` are its executables in `unit_names` order; `inputs` the abstract inputs of its
+    segments, carrying their shardings. A layered step runs as `embed`, `run_layers`, `sample`."""
 
-    def __init__(self, cfg: ModelConfig, units: list[Any], inputs: tuple[StepInputs, ...], mesh: Mesh):
+    def __init__(self, cfg: ModelConfig, key: Key, units: list[Any], inputs: tuple[StepInputs, ...], mesh: Mesh):
         self.units = units
         self.segments = len(inputs)
+        if len(units) > 1:
+            segs = segments_of(key)
+            self.fronts, self.layers = units[: len(segs)], units[len(segs)]
+            rest = iter(units[len(segs) + 1 :])
+            self.heads = [[next(rest) for _ in head_names(*seg)] for seg in segs]
         self.input_shardings = jax.tree.map(lambda a: a.sharding, inputs)
         self._resident: dict[tuple[int, str], tuple[Any, Any]] = {}  # (segment, field) -> (host, device)
         self.calls = self.row_sends = 0  # steps, and those that sent some sampled-row array
@@ -247,22 +291,40 @@ class StepProgram:
         inputs = self.put(inputs)  # once, not once per layer
         if len(self.units) == 1:
             return self.units[0](w, state, inputs)
-        n = self.segments
-        fronts, layer_, heads = self.units[:n], self.units[n], self.units[n + 1 :]
         top = without_layers(w)
-        hs, ropes = zip(
-            *(f(top, i.tokens, i.positions, state.sampled, i.carry_from) for f, i in zip(fronts, inputs, strict=True)),
-            strict=True,
-        )
+        hs, ropes = self.embed(top, state, inputs)
+        hs, kv = self.run_layers(w, hs, state.kv, inputs, ropes)
+        outs, sampled = self.sample(top, hs, inputs, state.sampled)
+        return State(kv, sampled), outs
+
+    # the parts of a layered step, on inputs already on the device (scripts/bench_step.py times them)
+
+    def embed(self, top: Weights, state: State, inputs: tuple[StepInputs, ...]):
+        """-> (per-segment h, per-segment ropes)."""
+        fed = [
+            f(top, i.tokens, i.positions, state.sampled, i.carry_from) for f, i in zip(self.fronts, inputs, strict=True)
+        ]
+        return tuple(h for h, _ in fed), tuple(r for _, r in fed)
+
+    def run_layers(self, w: Weights, hs, kv: KVCache, inputs: tuple[StepInputs, ...], ropes):
+        """-> (per-segment h after the last layer, kv)."""
         page_tables = tuple(i.page_table for i in inputs)
         positions = tuple(i.positions for i in inputs)
         bases = tuple(i.base for i in inputs)
-        kv = state.kv
         for i, per_layer in enumerate(self.groups):
             lws = w.layers[i * self.group : (i + 1) * self.group]
-            hs, kv = layer_(lws, tuple(hs), kv, *per_layer, page_tables, positions, bases, tuple(ropes))
-        sampled, outs = state.sampled, []
-        for h_, h, i in zip(heads, hs, inputs, strict=True):
-            out, sampled = h_(top, h, for_head(i), sampled)
+            hs, kv = self.layers(lws, tuple(hs), kv, *per_layer, page_tables, positions, bases, ropes)
+        return hs, kv
+
+    def sample(self, top: Weights, hs, inputs: tuple[StepInputs, ...], sampled):
+        """-> (per-segment StepOutputs, `sampled` with the step's tokens)."""
+        outs = []
+        for units, h, i in zip(self.heads, hs, inputs, strict=True):
+            if len(units) == 1:
+                out, sampled = units[0](top, h, for_head(i), sampled)
+            else:  # a prefill chunk: tail, then pick
+                last, pos, prompt = units[0](top, h, for_head(i))
+                picked, sampled = units[1](top, last, pos, rows_only(i), sampled)
+                out = StepOutputs(picked, prompt)
             outs.append(out)
-        return State(kv, sampled), tuple(outs)
+        return tuple(outs), sampled

@@ -156,24 +156,33 @@ def _prompt_logprobs(w: Weights, cfg: ModelConfig, h: jax.Array, next_tokens: ja
     return jax.tree.map(unslice, jax.lax.map(one, (h, nxt)))
 
 
+def last_rows(h: jax.Array, inp: StepInputs) -> tuple[jax.Array, jax.Array]:
+    """The hidden states whose logits give each sampled row's next token, and that token's
+    position: -> ([R, D], [R])."""
+    last = h.reshape(-1, h.shape[-1])[inp.last_index]
+    return last, inp.positions.reshape(-1)[inp.last_index] + 1
+
+
+def sample_rows(w: Weights, last: jax.Array, sample_pos: jax.Array, inp: StepInputs, *, cfg: ModelConfig) -> SampleOut:
+    """Final-normed hidden rows [R, D] -> each row's sampled token (only `inp`'s per-row fields are read)."""
+    return sample(unembed(w, cfg, last), inp.sampling, sample_pos, inp.history, inp.prompt_len, inp.mask)
+
+
+def prompt_logprobs(w: Weights, h: jax.Array, inp: StepInputs, *, cfg: ModelConfig) -> PromptLogprobs:
+    """A chunk's prompt logprobs where the step wants them (zeros where not: nothing is computed)."""
+    B, T = inp.tokens.shape
+    zeros = PromptLogprobs(
+        jnp.zeros((B, T), jnp.float32),
+        jnp.zeros((B, T, MAX_TOP_LOGPROBS), jnp.int32),
+        jnp.zeros((B, T, MAX_TOP_LOGPROBS), jnp.float32),
+    )
+    return jax.lax.cond(inp.want_prompt_logprobs, lambda: _prompt_logprobs(w, cfg, h, inp.next_tokens), lambda: zeros)
+
+
 def back(w: Weights, h: jax.Array, inp: StepInputs, *, cfg: ModelConfig, prefill: bool) -> StepOutputs:
     """Final-normed hidden [B, T, D] -> the sampled token of each row (+ prompt logprobs)."""
-    last = h.reshape(-1, h.shape[-1])[inp.last_index]  # [R, D]
-    logits = unembed(w, cfg, last)  # f32 [R, V]
-    sample_pos = inp.positions.reshape(-1)[inp.last_index] + 1
-    out = sample(logits, inp.sampling, sample_pos, inp.history, inp.prompt_len, inp.mask)
-    prompt = None
-    if prefill:
-        B, T = inp.tokens.shape
-        zeros = PromptLogprobs(
-            jnp.zeros((B, T), jnp.float32),
-            jnp.zeros((B, T, MAX_TOP_LOGPROBS), jnp.int32),
-            jnp.zeros((B, T, MAX_TOP_LOGPROBS), jnp.float32),
-        )
-        prompt = jax.lax.cond(
-            inp.want_prompt_logprobs, lambda: _prompt_logprobs(w, cfg, h, inp.next_tokens), lambda: zeros
-        )
-    return StepOutputs(out, prompt)
+    out = sample_rows(w, *last_rows(h, inp), inp, cfg=cfg)
+    return StepOutputs(out, prompt_logprobs(w, h, inp, cfg=cfg) if prefill else None)
 
 
 def step(w: Weights, state: State, inps: tuple[StepInputs, ...], *, cfg: ModelConfig, prefill: tuple[bool, ...]):
@@ -219,6 +228,29 @@ def head(w: Weights, h: jax.Array, inp: StepInputs, sampled, *, cfg: ModelConfig
     """-> (StepOutputs, `sampled` with this segment's tokens)."""
     out = back(w, transformer.final_norm(w, cfg, h), inp, cfg=cfg, prefill=prefill)
     return out, keep_sampled(sampled, out, "prefill" if prefill else "decode", h.shape[1])
+
+
+# A prefill chunk's head as two executables, so that the costly one (sampling) is compiled once
+# for every chunk length: `tail` per chunk length (final norm, the sampled rows' hidden states,
+# prompt logprobs), then `pick` on those rows (logits, sampling), whose shapes do not depend on it.
+
+
+def tail(w: Weights, h: jax.Array, inp: StepInputs, *, cfg: ModelConfig):
+    """-> (last rows [R, D], their next positions [R], PromptLogprobs)."""
+    h = transformer.final_norm(w, cfg, h)
+    return *last_rows(h, inp), prompt_logprobs(w, h, inp, cfg=cfg)
+
+
+def pick(w: Weights, last: jax.Array, sample_pos: jax.Array, inp: StepInputs, sampled, *, cfg: ModelConfig):
+    """A prefill chunk's rows -> (SampleOut, `sampled` with them); `inp` holds the per-row fields only."""
+    out = sample_rows(w, last, sample_pos, inp, cfg=cfg)
+    return out, keep_sampled(sampled, StepOutputs(out, None), "prefill", 1)
+
+
+def rows_only(inputs: StepInputs) -> StepInputs:
+    """A segment's per-sampled-row inputs (what `pick` reads), without those shaped by its tokens."""
+    return inputs._replace(**{f: None for f in ("tokens", "positions", "base", "page_table", "last_index",
+                                                 "next_tokens", "want_prompt_logprobs", "carry_from")})  # fmt: skip
 
 
 def init_kv(shape: tuple[int, ...], dtype) -> KVCache:

@@ -27,7 +27,7 @@ from graph.api import EngineConfig, SamplingParams
 from graph.buckets import Buckets
 from graph.checkpoint import load_weights
 from graph.executables import ExecutableTable
-from graph.programs import for_head, segments_of, without_layers
+from graph.programs import segments_of, without_layers
 from graph.sampling import host_arrays
 from graph.step import State, abstract_inputs, rows_of
 from models.loader import load_model
@@ -111,8 +111,6 @@ def time_variant(model, variant: str, args) -> None:
 def print_split(program, weights, state, inputs, steps: int):
     """A layered step's time by part (median ms): embedding, the decoder layers (their matmuls
     and attention), the head (final norm, logits, sampling), each waited for on its own."""
-    n = program.segments
-    fronts, layer_, heads = program.units[:n], program.units[n], program.units[n + 1 :]
     top = without_layers(weights)
     parts: dict[str, list[float]] = {"embedding": [], "layers": [], "head": []}
 
@@ -122,22 +120,11 @@ def print_split(program, weights, state, inputs, steps: int):
         parts[name].append(1000 * (time.perf_counter() - t0))
         return out
 
+    inputs = program.put(inputs)
     for _ in range(steps):
-        fed = [timed("embedding", lambda f=f, i=i, s=state: f(top, i.tokens, i.positions, s.sampled, i.carry_from))
-               for f, i in zip(fronts, inputs, strict=True)]  # fmt: skip
-        hs, ropes = tuple(h for h, _ in fed), tuple(r for _, r in fed)
-        args = (tuple(i.page_table for i in inputs), tuple(i.positions for i in inputs), tuple(i.base for i in inputs))
-
-        def run_layers(hs=hs, kv=state.kv, args=args, ropes=ropes):
-            for g, per_layer in enumerate(program.groups):
-                lws = weights.layers[g * program.group : (g + 1) * program.group]
-                hs, kv = layer_(lws, hs, kv, *per_layer, *args, ropes)
-            return hs, kv
-
-        hs, kv = timed("layers", run_layers)
-        sampled = state.sampled
-        for h_, h, i in zip(heads, hs, inputs, strict=True):
-            _, sampled = timed("head", lambda h_=h_, h=h, i=i, s=sampled: h_(top, h, for_head(i), s))
+        hs, ropes = timed("embedding", lambda s=state: program.embed(top, s, inputs))
+        hs, kv = timed("layers", lambda hs=hs, s=state, r=ropes: program.run_layers(weights, hs, s.kv, inputs, r))
+        _, sampled = timed("head", lambda hs=hs, s=state: program.sample(top, hs, inputs, s.sampled))
         state = State(kv, sampled)
     print("                 split: " + ", ".join(f"{k} {np.median(v):.1f} ms" for k, v in parts.items()), flush=True)
     return state
