@@ -289,7 +289,10 @@ def _load_one(path: Path, description: Any) -> Any:
     """An artifact's executable; ArtifactMismatchError naming the file if it is missing, damaged or
     not what the manifest describes."""
     if not isinstance(description, dict):
-        raise ArtifactMismatchError(f"{path}: not described in {MANIFEST}")
+        raise ArtifactMismatchError(
+            f"{path}: not described in {MANIFEST} (made by another version of xlaserve, whose steps are other "
+            "executables?): make it again with python -m graph.aot"
+        )
     try:
         return executable_io.load(description, path.read_bytes())
     except FileNotFoundError:

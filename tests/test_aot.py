@@ -165,6 +165,21 @@ def test_artifact_for_another_model_or_jax_is_refused(artifact, smol_model, tmp_
         ExecutableTable.load(other, smol_model.cfg, "float32", CONFIG, buckets, smol_model.fingerprint)
 
 
+def test_artifact_of_another_versions_executables_is_refused(artifact, smol_model, tmp_path):
+    """An artifact made when a step was other executables (before a prefill chunk's sampling was
+    one `pick` for every chunk length, it had a `head_prefill_*` per length) names what is missing
+    and how to make it again."""
+    older = tmp_path / "older"
+    shutil.copytree(artifact, older)
+    manifest = json.loads((older / "manifest.json").read_text())
+    assert manifest["executables"].pop("pick_r4")
+    (older / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactMismatchError, match=r"pick_r4\.bin: not described .* python -m graph\.aot"):
+        ExecutableTable.load(
+            older, smol_model.cfg, "float32", CONFIG, Buckets.from_config(CONFIG), smol_model.fingerprint
+        )
+
+
 def _damage(artifact: Path, into: Path, how: str) -> tuple[Path, Path]:
     """A copy of the artifact with one executable truncated or one of its bytes flipped; -> (the
     copy, the damaged file)."""
