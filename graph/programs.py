@@ -182,13 +182,12 @@ def lowerings(
             ropes,
         )
     )
-    tail_fn, pick_fn = functools.partial(tail, cfg=cfg), functools.partial(pick, cfg=cfg)
+    head_fn, tail_fn, pick_fn = (functools.partial(f, cfg=cfg) for f in (head, tail, pick))
     for (sp, sb, st), h, inp in zip(segs, hs, inputs, strict=True):
         names = head_names(sp, sb, st)
         if sp != "prefill":
-            fn = functools.partial(head, cfg=cfg, prefill=False)
             out[names[0]] = precise(
-                lambda fn=fn, h=h, inp=inp: jax.jit(fn, out_shardings=rep).lower(top, h, for_head(inp), state.sampled)
+                lambda h=h, inp=inp: jax.jit(head_fn, out_shardings=rep).lower(top, h, for_head(inp), state.sampled)
             )
             continue
         out[names[0]] = precise(lambda h=h, inp=inp: jax.jit(tail_fn, out_shardings=rep).lower(top, h, for_head(inp)))
@@ -244,16 +243,14 @@ class StepProgram:
 
     def __init__(self, cfg: ModelConfig, key: Key, units: list[Any], inputs: tuple[StepInputs, ...], mesh: Mesh):
         self.units = units
-        self.segments = len(inputs)
-        if len(units) > 1:
+        self.input_shardings = jax.tree.map(lambda a: a.sharding, inputs)
+        self._resident: dict[tuple[int, str], tuple[Any, Any]] = {}  # (segment, field) -> (host, device)
+        self.calls = self.row_sends = 0  # steps, and those that sent some sampled-row array
+        if len(units) > 1:  # layered: its units by part; each group's layer indices, rope kinds and windows
             segs = segments_of(key)
             self.fronts, self.layers = units[: len(segs)], units[len(segs)]
             rest = iter(units[len(segs) + 1 :])
             self.heads = [[next(rest) for _ in head_names(*seg)] for seg in segs]
-        self.input_shardings = jax.tree.map(lambda a: a.sharding, inputs)
-        self._resident: dict[tuple[int, str], tuple[Any, Any]] = {}  # (segment, field) -> (host, device)
-        self.calls = self.row_sends = 0  # steps, and those that sent some sampled-row array
-        if len(units) > 1:  # layered: each group's layer indices, rope kinds and windows, on the device
             G = self.group = group_size(cfg)
             self.groups = [
                 jax.device_put((

@@ -224,10 +224,11 @@ def layers(lws, hs, kv: KVCache, index, sliding, window, page_tables, positions,
     return unflatten(h, segs), kv
 
 
-def head(w: Weights, h: jax.Array, inp: StepInputs, sampled, *, cfg: ModelConfig, prefill: bool):
-    """-> (StepOutputs, `sampled` with this segment's tokens)."""
-    out = back(w, transformer.final_norm(w, cfg, h), inp, cfg=cfg, prefill=prefill)
-    return out, keep_sampled(sampled, out, "prefill" if prefill else "decode", h.shape[1])
+def head(w: Weights, h: jax.Array, inp: StepInputs, sampled, *, cfg: ModelConfig):
+    """A decode segment's head -> (StepOutputs, `sampled` with its tokens); a prefill chunk's is
+    `tail` then `pick` (below)."""
+    out = back(w, transformer.final_norm(w, cfg, h), inp, cfg=cfg, prefill=False)
+    return out, keep_sampled(sampled, out, "decode", h.shape[1])
 
 
 # A prefill chunk's head as two executables, so that the costly one (sampling) is compiled once
