@@ -24,7 +24,7 @@ from models.loader import LoadedModel, load_model
 
 pytest.register_assert_rewrite("tests.server_fixtures")  # before its import below: its asserts explain failures
 
-from tests.server_fixtures import SMALL, compile_small_artifact  # noqa: E402
+from tests.server_fixtures import SMALL, EarlyJobs, compile_small_artifact  # noqa: E402
 
 # The slow tier (`pytest -m "not slow"` leaves it out; `make test` runs it): every test that
 # compiles the real SmolLM2 or starts a server (through these fixtures, or as its module says with
@@ -56,6 +56,21 @@ def session_compile_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(compile_cache, "default_dir", lambda: path)
         yield path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def early(request: pytest.FixtureRequest, session_compile_cache: Path, tmp_path_factory) -> Iterator[EarlyJobs]:
+    """The selected tests' early jobs (tests/server_fixtures.py `EarlyJobs`), begun now."""
+    by_module: dict[object, list[pytest.Item]] = {}
+    for item in request.session.items:
+        by_module.setdefault(getattr(item, "module", None), []).append(item)
+    jobs = {}
+    for module, items in by_module.items():
+        if (offer := getattr(module, "early_jobs", None)) is not None:
+            jobs.update(offer(items))
+    started = EarlyJobs(jobs, tmp_path_factory.mktemp("early-jobs"))
+    yield started
+    started.stop()
 
 
 @pytest.fixture(scope="session")

@@ -13,17 +13,19 @@ helpers they use.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
 import json
+import os
 import re
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -212,13 +214,55 @@ def compile_small_artifact(out: Path) -> Path:
     return out
 
 
-def start_make_serve(args: list[str], log_path: Path) -> ServerProcess:
-    """The README's `make serve ARGS="..."` (kill with `os.killpg`: make and the server it started)."""
-    make = ["make"]
+LIVE_MAKE_SERVES: set[ServerProcess] = set()  # `make_serve`'s, for `EarlyJobs.stop`
+
+
+@contextlib.contextmanager
+def make_serve(args: list[str], log_path: Path, nice: bool = False) -> Iterator[ServerProcess]:
+    """The README's `make serve ARGS="..."`, started (not yet ready: call wait_ready), and stopped
+    on exit with make and the server it started; `nice`: at the lowest CPU priority (`EarlyJobs`)."""
+    make = ["nice", "-n", "19", "make"] if nice else ["make"]
     dry_run = subprocess.run(["make", "-n", "serve"], cwd=REPO, capture_output=True, text=True, check=True).stdout
     if stamp := re.search(r"^touch (\S+)$", dry_run, re.MULTILINE):  # a venv not made by make: take it as is
         make += ["-o", stamp[1]]
-    return ServerProcess([], log_path, command=[*make, "serve", f"ARGS={' '.join([*cache_args(), *args])}"]).start()
+    command = [*make, "serve", f"ARGS={' '.join([*cache_args(), *args])}"]
+    proc = ServerProcess([], log_path, command=command).start()
+    LIVE_MAKE_SERVES.add(proc)
+    try:
+        yield proc
+    finally:
+        LIVE_MAKE_SERVES.discard(proc)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.proc.pid, signal.SIGTERM)
+        proc.proc.wait(timeout=120)
+
+
+class EarlyJobs:
+    """Work of some tests begun when the session begins, in one background thread, one job after
+    another, for tests that would otherwise start a server and wait for its compiles: a default
+    bucket set takes a minute or more to compile, and the rest of the suite leaves one of the 2
+    cores idle about half the time (its single-threaded Python), which the jobs' servers, started
+    at the lowest CPU priority, then use. Each job runs a server from start to stop and returns
+    what its test checks, so no idle server holds memory while the rest of the suite runs.
+
+    A test module offers jobs with `early_jobs(its selected items) -> {key: job}`, a job being
+    `job(log_dir) -> result`; its tests take a result with `result(key, job, log_dir)`, which
+    raises what the job raised, or runs the job in the test when none was begun for it."""
+
+    def __init__(self, jobs: dict[str, Callable[[Path], Any]], log_dir: Path) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="early-job")
+        self._futures = {key: self._pool.submit(job, log_dir) for key, job in jobs.items()}
+
+    def result(self, key: str, job: Callable[[Path], Any], log_dir: Path) -> Any:
+        future = self._futures.pop(key, None)
+        return job(log_dir) if future is None else future.result(timeout=1800)
+
+    def stop(self) -> None:
+        """Drop the jobs not begun and stop the servers of the one running."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for proc in list(LIVE_MAKE_SERVES):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.proc.pid, signal.SIGTERM)
 
 
 def start_server(aot: Path, log_path: Path, *extra: str) -> ServerProcess:
