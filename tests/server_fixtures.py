@@ -227,6 +227,9 @@ def make_serve(args: list[str], log_path: Path, nice: bool = False) -> Iterator[
         make += ["-o", stamp[1]]
     command = [*make, "serve", f"ARGS={' '.join([*cache_args(), *args])}"]
     proc = ServerProcess([], log_path, command=command).start()
+    if nice:  # a session of its own is an autogroup of its own, where Linux has them: nice that too
+        with contextlib.suppress(OSError):
+            Path(f"/proc/{proc.proc.pid}/autogroup").write_text("19")
     LIVE_MAKE_SERVES.add(proc)
     try:
         yield proc
