@@ -40,6 +40,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         params = getattr(getattr(item, "callspec", None), "params", {})
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or params.get("model") == "gemma3":
             item.add_marker(pytest.mark.slow)
+    # the fast tier first (in pytest's order): its failures show in minutes, and the session's
+    # artifact compiles meanwhile (`aot_dir`, an early job)
+    items.sort(key=lambda item: item.get_closest_marker("slow") is not None)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -65,6 +68,8 @@ def early(request: pytest.FixtureRequest, session_compile_cache: Path, tmp_path_
     for item in request.session.items:
         by_module.setdefault(getattr(item, "module", None), []).append(item)
     jobs = {}
+    if any("aot_dir" in item.fixturenames for item in request.session.items if hasattr(item, "fixturenames")):
+        jobs["aot_dir"] = _compile_small_artifact
     for module, items in by_module.items():
         if (offer := getattr(module, "early_jobs", None)) is not None:
             jobs.update(offer(items))
@@ -85,11 +90,16 @@ def gemma3_model(session_compile_cache: Path) -> LoadedModel:
     return load_model("gemma3-270m", tokenizer_cache=session_compile_cache / "tokenizers")
 
 
+def _compile_small_artifact(log_dir: Path) -> Path:
+    return compile_small_artifact(log_dir / "smollm2-small")
+
+
 @pytest.fixture(scope="session")
-def aot_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def aot_dir(early: EarlyJobs, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The session's small bucket set (tests/server_fixtures.py `SMALL`), compiled once with
-    `python -m graph.aot`; every server of the session loads it."""
-    return compile_small_artifact(tmp_path_factory.mktemp("aot") / "smollm2-small")
+    `python -m graph.aot`, from the session's start (an early job); every server of the session
+    loads it."""
+    return early.result("aot_dir", _compile_small_artifact, tmp_path_factory.mktemp("aot"))
 
 
 @pytest.fixture(scope="session")

@@ -242,11 +242,13 @@ def make_serve(args: list[str], log_path: Path, nice: bool = False) -> Iterator[
 
 class EarlyJobs:
     """Work of some tests begun when the session begins, in one background thread, one job after
-    another, for tests that would otherwise start a server and wait for its compiles: a default
-    bucket set takes a minute or more to compile, and the rest of the suite leaves one of the 2
-    cores idle about half the time (its single-threaded Python), which the jobs' servers, started
-    at the lowest CPU priority, then use. Each job runs a server from start to stop and returns
-    what its test checks, so no idle server holds memory while the rest of the suite runs.
+    another, for tests that would otherwise wait for compiles in a subprocess: the session's
+    artifact (tests/conftest.py `aot_dir`, while the fast tier runs), then the default-flags
+    servers (tests/test_server_defaults.py: a default bucket set takes a minute or more to
+    compile). The rest of the suite leaves one of the 2 cores idle about half the time (its
+    single-threaded Python), which the jobs use; servers run at the lowest CPU priority. A server
+    job runs its server from start to stop and returns what its test checks, so no idle server
+    holds memory while the rest of the suite runs.
 
     A test module offers jobs with `early_jobs(its selected items) -> {key: job}`, a job being
     `job(log_dir) -> result`; its tests take a result with `result(key, job, log_dir)`, which
