@@ -217,6 +217,12 @@ def compile_small_artifact(out: Path) -> Path:
 LIVE_MAKE_SERVES: set[ServerProcess] = set()  # `make_serve`'s, for `EarlyJobs.stop`
 
 
+def _stop_group(proc: ServerProcess) -> None:
+    """SIGTERM to make and the server it started (their own session's process group)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.proc.pid, signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def make_serve(args: list[str], log_path: Path, nice: bool = False) -> Iterator[ServerProcess]:
     """The README's `make serve ARGS="..."`, started (not yet ready: call wait_ready), and stopped
@@ -235,8 +241,7 @@ def make_serve(args: list[str], log_path: Path, nice: bool = False) -> Iterator[
         yield proc
     finally:
         LIVE_MAKE_SERVES.discard(proc)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.proc.pid, signal.SIGTERM)
+        _stop_group(proc)
         proc.proc.wait(timeout=120)
 
 
@@ -266,8 +271,7 @@ class EarlyJobs:
         """Drop the jobs not begun and stop the servers of the one running."""
         self._pool.shutdown(wait=False, cancel_futures=True)
         for proc in list(LIVE_MAKE_SERVES):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.proc.pid, signal.SIGTERM)
+            _stop_group(proc)
 
 
 def start_server(aot: Path, log_path: Path, *extra: str) -> ServerProcess:
