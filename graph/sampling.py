@@ -132,16 +132,16 @@ def sample(
     penalized = (s.presence != 0) | (s.frequency != 0) | (s.repetition != 1)
     x = jax.lax.cond(jnp.any(penalized), lambda: _penalize(x, s, history, prompt_len), lambda: x)
     x = _scatter_rows(x, s.suppress_ids, jnp.full(s.suppress_ids.shape, _NEG, x.dtype), "set")
-    greedy = jnp.argmax(x, axis=-1).astype(jnp.int32)
+    greedy = first_argmax(x)
 
     scaled = x / jnp.maximum(s.temperature, 1e-6)[:, None]
     top_k_on = (s.top_k > 0) & (s.top_k < logits.shape[1])  # 0, -1 or the whole vocabulary: off
     filtering = top_k_on | (s.top_p < 1) | (s.min_p > 0)
     scaled = jax.lax.cond(jnp.any(filtering & (s.temperature > 0)), lambda: _filter(scaled, s), lambda: scaled)
 
-    def draw(seed, pos, row):
+    def draw(seed, pos, row):  # jax.random.categorical's Gumbel-max draw, with the faster argmax
         key = jax.random.fold_in(jax.random.key(seed), pos)
-        return jax.random.categorical(key, row).astype(jnp.int32)
+        return first_argmax(jax.random.gumbel(key, row.shape, row.dtype) + row)
 
     sampled = s.temperature > 0
     drawn = jax.lax.cond(jnp.any(sampled), lambda: jax.vmap(draw)(s.seed, positions, scaled), lambda: greedy)
@@ -151,6 +151,15 @@ def sample(
         jnp.any(s.want_top), lambda: top_alternatives(model_logprobs), lambda: _no_top(logits)
     )
     return SampleOut(token, logprob, top_ids, top_lp)
+
+
+def first_argmax(x: jax.Array) -> jax.Array:
+    """jnp.argmax over the last axis (the first maximum; the first NaN if any), as two plain
+    reductions: XLA:CPU's argmax, a reduction of (value, index) pairs, took 1.8 ms for 16 rows of
+    49,152 logits (3% of an int8 SmolLM2 decode step) where a max and a min take 0.4."""
+    top = jnp.max(x, axis=-1, keepdims=True)
+    ids = jnp.arange(x.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where((x == top) | jnp.isnan(x), ids, x.shape[-1]), axis=-1)
 
 
 def unpack_mask(mask: jax.Array, vocab: int) -> jax.Array:

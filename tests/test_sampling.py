@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from graph.api import MAX_TOP_LOGPROBS, SamplingParams
-from graph.sampling import host_arrays, sample
+from graph.sampling import first_argmax, host_arrays, sample
 
 V = 32  # vocabulary
 H = 16  # history length
@@ -101,6 +101,27 @@ def test_temperature_zero_is_argmax_whatever_the_other_parameters():
     for position in (0, 17):
         out = run(rows, LOGITS, position)
         np.testing.assert_array_equal(out.token, LOGITS.argmax(axis=-1))
+
+
+def test_first_argmax_is_numpys_argmax_with_ties_masked_rows_and_nan():
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((6, 1000)).astype(np.float32)
+    x[1, [10, 500, 999]] = 50.0  # a tie: the first
+    x[2, :] = -1e30  # every token masked: the first
+    x[3, [40, 7]] = np.nan  # NaN wins, as in numpy and jnp.argmax: the first NaN
+    x[4, 999] = np.inf
+    np.testing.assert_array_equal(jax.jit(first_argmax)(x), x.argmax(axis=-1))
+
+
+def test_a_seeded_draw_is_jax_random_categorical_of_the_scaled_logits():
+    """The Gumbel-max draw with `first_argmax` gives jax's own categorical draw, token for token."""
+    temperatures = (0.5, 1.0, 1.5, 2.0) * 2
+    rows = [(SamplingParams(temperature=t), seed, ()) for seed, t in enumerate(temperatures)]
+    for position in (0, 5, 17):
+        out = run(rows, LOGITS, position)
+        for i, (params, seed, _) in enumerate(rows):
+            key = jax.random.fold_in(jax.random.key(seed), position)
+            assert out.token[i] == jax.random.categorical(key, LOGITS[i] / params.temperature)
 
 
 def test_logit_bias_plus_100_forces_a_token_and_minus_100_forbids_it():
