@@ -82,10 +82,16 @@ class ServerProcess:
     """One server subprocess; its stdout and stderr are kept (and written to `log_path`)."""
 
     def __init__(
-        self, args: list[str], log_path: Path, command: list[str] | None = None, env: dict[str, str] | None = None
+        self,
+        args: list[str],
+        log_path: Path,
+        command: list[str] | None = None,
+        env: dict[str, str] | None = None,
+        nice: bool = False,
     ) -> None:
         self.command = command or [sys.executable, "-m", "serving.main", "--port", "0", *cache_args(), *args]
         self.env = env
+        self.nice = nice  # at the lowest CPU priority (`EarlyJobs`), and stopped with the early jobs
         self.log_path = log_path
         self.stdout: list[str] = []
         self.stderr: list[str] = []
@@ -96,7 +102,7 @@ class ServerProcess:
 
     def start(self) -> ServerProcess:
         self.proc = subprocess.Popen(
-            self.command,
+            ["nice", "-n", "19", *self.command] if self.nice else self.command,
             cwd=REPO,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
@@ -109,6 +115,10 @@ class ServerProcess:
             reader = threading.Thread(target=self._read, args=(stream, lines), daemon=True)
             reader.start()
             self._readers.append(reader)
+        if self.nice:  # a session of its own is an autogroup of its own, where Linux has them: nice that too
+            with contextlib.suppress(OSError):
+                Path(f"/proc/{self.proc.pid}/autogroup").write_text("19")
+            LIVE_NICE.add(self)
         return self
 
     def _read(self, stream: Any, lines: list[str]) -> None:
@@ -183,6 +193,7 @@ class ServerProcess:
         return self.proc.wait(timeout)
 
     def stop(self) -> None:
+        LIVE_NICE.discard(self)
         if self.proc is None or self.proc.poll() is not None:
             return
         self.proc.send_signal(signal.SIGTERM)
@@ -190,6 +201,13 @@ class ServerProcess:
             self.proc.wait(60)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL to it and what it started (its session's process group), then reap it."""
+        LIVE_NICE.discard(self)
+        if self.proc is not None and self.proc.poll() is None:
+            _signal_group(self, signal.SIGKILL)
             self.proc.wait()
 
 
@@ -214,46 +232,43 @@ def compile_small_artifact(out: Path) -> Path:
     return out
 
 
-LIVE_MAKE_SERVES: set[ServerProcess] = set()  # `make_serve`'s, for `EarlyJobs.stop`
+LIVE_NICE: set[ServerProcess] = set()  # the early jobs' processes still running, for `EarlyJobs.stop`
 
 
-def _stop_group(proc: ServerProcess) -> None:
-    """SIGTERM to make and the server it started (their own session's process group)."""
+def _signal_group(proc: ServerProcess, sig: int) -> None:
+    """`sig` to a process started in a session of its own and what it started (`make serve`'s
+    server), all in that session's process group."""
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.proc.pid, signal.SIGTERM)
+        os.killpg(proc.proc.pid, sig)
 
 
 @contextlib.contextmanager
 def make_serve(args: list[str], log_path: Path, nice: bool = False) -> Iterator[ServerProcess]:
     """The README's `make serve ARGS="..."`, started (not yet ready: call wait_ready), and stopped
     on exit with make and the server it started; `nice`: at the lowest CPU priority (`EarlyJobs`)."""
-    make = ["nice", "-n", "19", "make"] if nice else ["make"]
+    make = ["make"]
     dry_run = subprocess.run(["make", "-n", "serve"], cwd=REPO, capture_output=True, text=True, check=True).stdout
     if stamp := re.search(r"^touch (\S+)$", dry_run, re.MULTILINE):  # a venv not made by make: take it as is
         make += ["-o", stamp[1]]
     command = [*make, "serve", f"ARGS={' '.join([*cache_args(), *args])}"]
-    proc = ServerProcess([], log_path, command=command).start()
-    if nice:  # a session of its own is an autogroup of its own, where Linux has them: nice that too
-        with contextlib.suppress(OSError):
-            Path(f"/proc/{proc.proc.pid}/autogroup").write_text("19")
-    LIVE_MAKE_SERVES.add(proc)
+    proc = ServerProcess([], log_path, command=command, nice=nice).start()
     try:
         yield proc
     finally:
-        LIVE_MAKE_SERVES.discard(proc)
-        _stop_group(proc)
+        LIVE_NICE.discard(proc)
+        _signal_group(proc, signal.SIGTERM)
         proc.proc.wait(timeout=120)
 
 
 class EarlyJobs:
     """Work of some tests begun when the session begins, in one background thread, one job after
     another, for tests that would otherwise wait for compiles in a subprocess: the session's
-    artifact (tests/conftest.py `aot_dir`, while the fast tier runs), then the default-flags
-    servers (tests/test_server_defaults.py: a default bucket set takes a minute or more to
-    compile). The rest of the suite leaves one of the 2 cores idle about half the time (its
-    single-threaded Python), which the jobs use; servers run at the lowest CPU priority. A server
-    job runs its server from start to stop and returns what its test checks, so no idle server
-    holds memory while the rest of the suite runs.
+    artifact (tests/conftest.py `aot_dir`, while the fast tier runs), then the two processes of
+    tests/test_multihost.py and the default-flags servers (tests/test_server_defaults.py: a default
+    bucket set takes a minute or more to compile). The rest of the suite leaves one of the 2 cores
+    idle about half the time (its single-threaded Python), which the jobs use; their processes run
+    at the lowest CPU priority (`nice`). A server job runs its servers from start to stop and
+    returns what its test checks, so no idle server holds memory while the rest of the suite runs.
 
     A test module offers jobs with `early_jobs(its selected items) -> {key: job}`, a job being
     `job(log_dir) -> result`; its tests take a result with `result(key, job, log_dir)`, which
@@ -268,10 +283,10 @@ class EarlyJobs:
         return job(log_dir) if future is None else future.result(timeout=1800)
 
     def stop(self) -> None:
-        """Drop the jobs not begun and stop the servers of the one running."""
+        """Drop the jobs not begun and stop the processes of the one running."""
         self._pool.shutdown(wait=False, cancel_futures=True)
-        for proc in list(LIVE_MAKE_SERVES):
-            _stop_group(proc)
+        for proc in list(LIVE_NICE):
+            _signal_group(proc, signal.SIGTERM)
 
 
 def start_server(aot: Path, log_path: Path, *extra: str) -> ServerProcess:
