@@ -270,8 +270,10 @@ class StepProgram:
         for i, seg in enumerate(inputs):
             for f in RESIDENT:
                 last = self._resident.get((i, f))
-                if last is not None and _same(last[0], getattr(seg, f)):
+                if last is not None and _same(last[0], new := getattr(seg, f)):
                     kept[(i, f)] = last[1]
+                    # equal, not identical (a new batch's all-ones mask): the next check is by identity
+                    self._resident[(i, f)] = (new, last[1])
         self.calls += 1
         self.row_sends += len(kept) < len(inputs) * len(RESIDENT)
 
