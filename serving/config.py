@@ -43,6 +43,9 @@ class ServerConfig:
     coordinator: str | None = None  # HOST:PORT of process 0, to run as one of several processes (jax.distributed)
     num_processes: int = 1  # processes in all (each with its own devices; one mesh over all of them)
     process_id: int = 0  # this process: 0 serves HTTP and schedules, the others follow its steps
+    # engines, each in its own process on its share of the CPU cores with its own KV pool; a request
+    # goes to the least loaded (graph/replicas.py; CPU: fewer stalls at high concurrency)
+    replicas: int = 1
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
@@ -56,6 +59,10 @@ class ServerConfig:
             raise ValueError("max_body_bytes must be at least 1")
         if self.num_processes < 1 or not 0 <= self.process_id < self.num_processes:
             raise ValueError("process_id must be at least 0 and less than num_processes")
+        if self.replicas < 1:
+            raise ValueError("replicas must be at least 1")
+        if self.replicas > 1 and self.num_processes > 1:
+            raise ValueError("--replicas and --num-processes cannot be combined")
         if self.num_processes > 1 and not self.coordinator:
             raise ValueError("--num-processes above 1 needs --coordinator HOST:PORT (process 0's address)")
 

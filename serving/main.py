@@ -42,6 +42,7 @@ from serving.state import ServerState
 
 if TYPE_CHECKING:
     from graph.engine import Engine
+    from graph.replicas import Replicas
 
 log = logging.getLogger("serving.main")
 BACKLOG = 2048  # uvicorn's default
@@ -79,10 +80,16 @@ class _Server(uvicorn.Server):
             self._on_exit()
 
 
-def load_engine(config: ServerConfig) -> Engine:
-    """Load the model and build its engine (compiling, or loading AOT executables)."""
+def load_engine(config: ServerConfig) -> Engine | Replicas:
+    """Load the model and build its engine (compiling, or loading AOT executables), or start
+    its replicas (`--replicas`)."""
     from graph.engine import Engine
     from models import loader
+
+    if config.replicas > 1:
+        from graph.replicas import Replicas
+
+        return Replicas.start(config.model, config.engine, config.replicas, logging.getLogger().level)
 
     model = loader.load_model(config.model, config.engine.dtype, config.engine.tokenizer_cache())
     return Engine.create(model, config.engine)
@@ -192,7 +199,7 @@ class _Lifecycle:
             host, port = sock.getsockname()[:2]
             host = f"[{host}]" if ":" in host else host
             print(f"Server ready on http://{host}:{port} (Press CTRL+C to quit)", flush=True)
-        several = self.config.num_processes > 1
+        several = self.config.num_processes > 1 or self.config.replicas > 1
         watch = asyncio.create_task(self._exit_when_broken(server, engine)) if several else None
         await serving
         if self._engine_shutdown is not None:
@@ -203,7 +210,7 @@ class _Lifecycle:
         return 0
 
     @staticmethod
-    async def _exit_when_broken(server: uvicorn.Server, engine: Engine) -> None:
+    async def _exit_when_broken(server: uvicorn.Server, engine: Engine | Replicas) -> None:
         """Several processes: a broken engine (another process died) cannot recover, so the server
         stops (its requests have had their errors) and exits non-zero."""
         while not server.should_exit:

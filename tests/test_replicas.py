@@ -1,0 +1,106 @@
+"""Engine replicas (`--replicas N`, graph/replicas.py): a real server whose engines run in
+processes of their own, each pinned to its own cores, answering exactly as one engine does."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from openai import OpenAI
+
+from graph.api import InvalidRequestError, QueueFullError
+from graph.replicas import _describe, _rebuild, split_cpus
+from tests.server_fixtures import MAX_SEQ_LEN, MODEL, ServerProcess, ready_server
+
+pytest_plugins = ("tests.server_fixtures",)
+
+PROMPTS = [f"List {n} colours of the rainbow, one per line:" for n in range(2, 8)]
+
+
+def test_cores_are_split_evenly_and_refused_when_too_few() -> None:
+    assert split_cpus({0, 1, 2, 3, 4, 5, 6, 7}, 3) == [{0, 1, 2}, {3, 4, 5}, {6, 7}]
+    assert split_cpus({4, 9}, 2) == [{4}, {9}]
+    with pytest.raises(ValueError, match="--replicas 3 needs a CPU core for each replica; this process may use 2"):
+        split_cpus({0, 1}, 3)
+
+
+def test_a_replicas_error_reaches_the_front_as_raised() -> None:
+    full = _rebuild(_describe(QueueFullError("too many queued requests (4)", 2.5)))
+    assert isinstance(full, QueueFullError) and str(full) == "too many queued requests (4)" and full.retry_after == 2.5
+    bad = _rebuild(_describe(InvalidRequestError("'seed' must be between 0 and 4294967295", "seed")))
+    assert isinstance(bad, InvalidRequestError) and bad.param == "seed"
+    assert type(_rebuild(_describe(KeyError("x")))) is KeyError
+    foreign = _rebuild(("somewhere.else", "Odd", "it went wrong", {}))
+    assert isinstance(foreign, RuntimeError) and "it went wrong" in str(foreign)
+
+
+def _replica_pids(server: ServerProcess) -> list[int]:
+    pid = server.proc.pid
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _cores(pid: int) -> str:
+    return re.search(r"Cpus_allowed_list:\s*(\S+)", Path(f"/proc/{pid}/status").read_text())[1]
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / 100  # utime + stime, in clock ticks of 1/100 s
+
+
+def _answers(url: str) -> list[str]:
+    client = OpenAI(base_url=url + "/v1", api_key="none")
+
+    def one(prompt: str) -> str:
+        out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=24, temperature=0)
+        return out.choices[0].text
+
+    with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
+        return list(pool.map(one, PROMPTS))
+
+
+@pytest.mark.slow
+def test_replicas_answer_as_one_engine_does_and_a_dead_one_stops_the_server(server, aot_dir, tmp_path) -> None:
+    with ready_server(aot_dir, tmp_path / "replicas.log", "--replicas", "2") as replicas:
+        pids = _replica_pids(replicas)
+        assert len(pids) == 2
+        assert {_cores(p) for p in pids} == {"0", "1"}  # each on a core of its own (CI: 2 cores)
+        before = [_cpu_seconds(p) for p in pids]
+
+        # concurrent greedy requests, spread over both replicas, answer token for token as one engine
+        assert _answers(replicas.url) == _answers(server.url)
+        assert all(_cpu_seconds(p) - b > 0.2 for p, b in zip(pids, before, strict=True)), "a replica took no work"
+
+        # a replica's refusal is the server's, with its OpenAI error
+        client = OpenAI(base_url=replicas.url + "/v1", api_key="none", max_retries=0)
+        with pytest.raises(Exception) as refused:
+            client.completions.create(model=MODEL, prompt="Hi", max_tokens=MAX_SEQ_LEN)
+        assert refused.value.status_code == 400 and "maximum context length" in str(refused.value)
+
+        # a stream closed early is aborted in its replica: nothing stays running
+        stream = client.completions.create(model=MODEL, prompt="Tell a long story:", max_tokens=400, stream=True)
+        next(iter(stream))
+        stream.close()
+        deadline = time.monotonic() + 30
+        while (
+            running := _metric(replicas.url, "xlaserve_batch_running_requests")
+        ) != 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert running == 0
+        assert _metric(replicas.url, "xlaserve_kv_pages_used") == 0
+
+        # a replica that dies ends the server with an error status, as a dead host of a mesh does
+        os.kill(pids[1], signal.SIGKILL)
+        assert replicas.wait(60) == 1
+        assert "replica 1" in replicas.log_tail(80)
+
+
+def _metric(url: str, name: str) -> float:
+    text = httpx.get(url + "/metrics", timeout=30).text
+    return float(re.search(rf"^{name} (\S+)$", text, re.MULTILINE)[1])
