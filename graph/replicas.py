@@ -25,6 +25,7 @@ does when a process of a multi-host mesh dies.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import concurrent.futures
 import contextlib
@@ -117,7 +118,7 @@ class _ReplicaLoop:
 
     def __init__(self, conn: Connection, engine: Any) -> None:
         self.conn, self.engine = conn, engine
-        self.forwarding: set[asyncio.Task[None]] = set()
+        self.forwarding: dict[str, asyncio.Task[None]] = {}  # request id -> its deltas' forwarding
         self.calls: set[asyncio.Future[None]] = set()  # blocking calls on their threads
         self.stopped = asyncio.Event()
 
@@ -142,8 +143,10 @@ class _ReplicaLoop:
         kind, token, *args = message
         if kind == "submit":
             self._submit(token, *args)
-        elif kind == "abort":
+        elif kind == "abort":  # the engine ends an aborted request without a last delta
             self.engine.abort(args[0])
+            if (task := self.forwarding.get(args[0])) is not None:
+                task.cancel()
         elif kind == "stats":
             self._send(("reply", token, self.engine.stats(), None))
         elif kind in ("reset", "shutdown"):
@@ -158,9 +161,8 @@ class _ReplicaLoop:
             self._send(("reply", token, None, _describe(e)))
             return
         self._send(("reply", token, None, None))
-        task = asyncio.ensure_future(self._forward(request_id, stream))
-        self.forwarding.add(task)
-        task.add_done_callback(self.forwarding.discard)
+        task = self.forwarding[request_id] = asyncio.ensure_future(self._forward(request_id, stream))
+        task.add_done_callback(lambda _: self.forwarding.pop(request_id, None))
 
     async def _forward(self, request_id: str, stream: Any) -> None:
         async for out in stream:
@@ -173,7 +175,9 @@ class _ReplicaLoop:
             await loop.run_in_executor(None, self.engine.reset_prefix_cache)
         else:
             await loop.run_in_executor(None, self.engine.shutdown, *args)
-            await asyncio.gather(*self.forwarding, return_exceptions=True)  # every request's last delta out
+            # every request's last delta out (pushed to its stream before the engine stopped)
+            if self.forwarding:
+                await asyncio.wait(list(self.forwarding.values()), timeout=5.0)
         if token is not None:
             self._send(("reply", token, None, None))
         if kind == "shutdown":
@@ -214,6 +218,8 @@ class Replicas:
         self._tokens = itertools.count()
         self._accepting = True
         self._stopped = False
+        # before multiprocessing's own exit hook, which would wait forever for a replica that ignores SIGTERM
+        atexit.register(self.shutdown, 0.0)
         for r in replicas:
             r.reader = threading.Thread(target=self._read, args=(r,), name=f"replica-{r.index}-reader", daemon=True)
             r.reader.start()
@@ -336,8 +342,10 @@ class Replicas:
         return chosen
 
     def abort(self, request_id: str) -> None:
-        with self._lock:
-            entry = self._requests.get(request_id)
+        with self._lock:  # an aborted request gets no last delta: it is done here
+            entry = self._requests.pop(request_id, None)
+            if entry is not None:
+                entry[1].load -= 1
         if entry is not None:
             with contextlib.suppress(_ReplicaGone):  # its requests end with its error anyway
                 self._send(entry[1], ("abort", None, request_id))
@@ -367,6 +375,8 @@ class Replicas:
         """Stop taking requests, let each replica finish its running ones for up to `timeout`
         seconds (the rest end with "abort"), then stop the replicas' processes."""
         with self._lock:
+            if self._stopped:
+                return
             self._accepting = False
         calls = [(r, self._start_call(r, "shutdown", timeout)) for r in self.replicas]
         for r, future in calls:
@@ -378,6 +388,7 @@ class Replicas:
                 r.process.join()
             r.conn.close()
         self._stopped = True
+        atexit.unregister(self.shutdown)
 
     # ---- the pipes ----
 

@@ -41,8 +41,12 @@ def test_a_replicas_error_reaches_the_front_as_raised() -> None:
 
 
 def _replica_pids(server: ServerProcess) -> list[int]:
+    """The replicas' processes, as the server's log names them (each the server's child)."""
     pid = server.proc.pid
-    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    children = {int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+    named = [int(p) for p in re.findall(r"replica \d+ ready \(pid (\d+), cores", "\n".join(server.stderr))]
+    assert set(named) <= children
+    return named
 
 
 def _cores(pid: int) -> str:
@@ -77,6 +81,12 @@ def test_replicas_answer_as_one_engine_does_and_a_dead_one_stops_the_server(serv
         assert _answers(replicas.url) == _answers(server.url)
         assert all(_cpu_seconds(p) - b > 0.2 for p, b in zip(pids, before, strict=True)), "a replica took no work"
 
+        # a repeated prompt goes back to the replica that cached it
+        long_prompt = " ".join(PROMPTS * 4)
+        usage = [client_usage(replicas.url, long_prompt) for _ in range(2)]
+        assert usage[0].prompt_tokens_details.cached_tokens == 0
+        assert usage[1].prompt_tokens_details.cached_tokens >= usage[1].prompt_tokens - 16
+
         # a replica's refusal is the server's, with its OpenAI error
         client = OpenAI(base_url=replicas.url + "/v1", api_key="none", max_retries=0)
         with pytest.raises(Exception) as refused:
@@ -99,6 +109,29 @@ def test_replicas_answer_as_one_engine_does_and_a_dead_one_stops_the_server(serv
         os.kill(pids[1], signal.SIGKILL)
         assert replicas.wait(60) == 1
         assert "replica 1" in replicas.log_tail(80)
+
+
+@pytest.mark.slow
+def test_sigterm_lets_each_replica_finish_its_requests_and_exits_0(aot_dir, tmp_path) -> None:
+    with ready_server(aot_dir, tmp_path / "replicas.log", "--replicas", "2") as replicas:
+        client = OpenAI(base_url=replicas.url + "/v1", api_key="none", max_retries=0)
+        streams = [
+            client.completions.create(model=MODEL, prompt=p, max_tokens=40, temperature=0, stream=True)
+            for p in PROMPTS[:2]
+        ]
+        firsts = [next(iter(s)) for s in streams]  # both running (one on each replica: equal loads)
+        replicas.signal(signal.SIGTERM)
+        for first, stream in zip(firsts, streams, strict=True):
+            chunks = [first, *stream]
+            assert chunks[-1].choices[0].finish_reason == "length"
+            assert sum(len(c.choices[0].text) > 0 for c in chunks) > 10
+        assert replicas.wait(60) == 0
+        assert not any("Traceback" in line for line in replicas.stderr), replicas.log_tail()
+
+
+def client_usage(url: str, prompt: str):
+    client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+    return client.completions.create(model=MODEL, prompt=prompt, max_tokens=1).usage
 
 
 def _metric(url: str, name: str) -> float:
