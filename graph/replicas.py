@@ -1,7 +1,7 @@
 """Engine replicas (`--replicas N`): N engines, each in a process of its own pinned to its share of
 the CPU cores, with its own executables and KV pool, behind one front that has the engine's
 interface (`submit`, `abort`, `stats`, `shutdown`, ...). A request runs whole on the replica that
-took it (`_pick`): the least loaded, and among equals the one that was sent the longest start of
+took it (`pick`): the least loaded, and among equals the one that was sent the longest start of
 its prompt before (its prefix cache likely holds it). Balance comes first: letting a replica one
 request above the other take a prompt it had cached broke the lock-step of a closed loop of 16
 clients (mixed steps in 36 of 1,302 steps, ITL p99 67 -> 118 ms).
@@ -207,6 +207,27 @@ class _ReplicaGone(Exception):
     pass
 
 
+def pick(replicas: list[_Replica], prompt_ids: list[int], page_size: int) -> _Replica:
+    """The least loaded replica; among equals, the one sent the longest start of this prompt (whole
+    pages: 1, 2, 4, ... of them, and all), then one chosen by the prompt's first page. The one
+    picked remembers the prompt's starts."""
+    pages = len(prompt_ids) // page_size
+    lengths = sorted({1 << i for i in range(pages.bit_length())} | ({pages} if pages else set()))
+    starts = [hash(tuple(prompt_ids[: n * page_size])) for n in lengths]
+
+    def matched(r: _Replica) -> int:
+        return next((i + 1 for i in reversed(range(len(starts))) if starts[i] in r.starts), 0)
+
+    first, n = hash(tuple(prompt_ids[:page_size])), len(replicas)
+    chosen = min(replicas, key=lambda r: (r.load, -matched(r), (r.index - first) % n))
+    for start in starts:
+        chosen.starts[start] = None
+        chosen.starts.move_to_end(start)
+    while len(chosen.starts) > REMEMBERED:
+        chosen.starts.popitem(last=False)
+    return chosen
+
+
 class Replicas:
     """The front of N engine replicas, with the interface the server uses of an `Engine`."""
 
@@ -228,8 +249,12 @@ class Replicas:
     def start(cls, source: str | None, config: EngineConfig, n: int, log_level: int = logging.INFO) -> Replicas:
         """Start `n` replicas of `source`'s engine, each on its share of this process's cores, and
         load the model's tokenizer here meanwhile; raise what a replica's start raised."""
+        import jax
+
         from models import loader
 
+        if jax.default_backend() != "cpu":  # every replica would take the same accelerators
+            raise ValueError("--replicas splits the CPU cores between engines; on GPU or TPU use --data-parallel")
         shares = split_cpus(os.sched_getaffinity(0), n)
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no jax state, no threads
         replicas = []
@@ -303,7 +328,7 @@ class Replicas:
                 raise EngineBrokenError(reason)
             if request_id in self._requests:
                 raise ValueError(f"request id {request_id!r} is already in use")
-            replica = self._pick(prompt_ids)
+            replica = pick(self.replicas, prompt_ids, self.config.page_size)
             stream = RequestStream(self, request_id, asyncio.get_running_loop())
             self._requests[request_id] = (stream, replica)
             replica.load += 1
@@ -317,27 +342,6 @@ class Replicas:
                 raise EngineBrokenError(f"replica {replica.index}: {replica.broken}") from None
             raise
         return stream
-
-    def _pick(self, prompt_ids: list[int]) -> _Replica:
-        """The least loaded replica; among equals, the one sent the longest start of this prompt
-        (whole pages: 1, 2, 4, ... of them, and all), then one chosen by the prompt's first page.
-        It remembers the prompt's starts."""
-        size, pages = self.config.page_size, len(prompt_ids) // self.config.page_size
-        lengths = sorted({1 << i for i in range(pages.bit_length())} | ({pages} if pages else set()))
-        starts = [hash(tuple(prompt_ids[: n * size])) for n in lengths]
-
-        def matched(r: _Replica) -> int:
-            return next((i + 1 for i in reversed(range(len(starts))) if starts[i] in r.starts), 0)
-
-        first = hash(tuple(prompt_ids[:size]))
-        n = len(self.replicas)
-        chosen = min(self.replicas, key=lambda r: (r.load, -matched(r), (r.index - first) % n))
-        for start in starts:
-            chosen.starts[start] = None
-            chosen.starts.move_to_end(start)
-        while len(chosen.starts) > REMEMBERED:
-            chosen.starts.popitem(last=False)
-        return chosen
 
     def abort(self, request_id: str) -> None:
         with self._lock:  # an aborted request gets no last delta: it is done here

@@ -15,7 +15,7 @@ import pytest
 from openai import OpenAI
 
 from graph.api import InvalidRequestError, QueueFullError
-from graph.replicas import _describe, _rebuild, split_cpus
+from graph.replicas import _describe, _rebuild, _Replica, pick, split_cpus
 from tests.server_fixtures import MAX_SEQ_LEN, MODEL, ServerProcess, ready_server
 
 pytest_plugins = ("tests.server_fixtures",)
@@ -28,6 +28,23 @@ def test_cores_are_split_evenly_and_refused_when_too_few() -> None:
     assert split_cpus({4, 9}, 2) == [{4}, {9}]
     with pytest.raises(ValueError, match="--replicas 3 needs a CPU core for each replica; this process may use 2"):
         split_cpus({0, 1}, 3)
+
+
+def test_a_request_goes_to_the_least_loaded_replica_and_among_equals_to_its_cached_prefix() -> None:
+    replicas = [_Replica(i, None, None, {i}) for i in range(3)]
+    system = list(range(100, 164))  # 4 pages of 16 tokens
+    first = pick(replicas, [*system, 1, 2, 3], 16)
+    first.load += 1
+    others = [r for r in replicas if r is not first]
+    assert pick(replicas, [*system[:16], 4, 5], 16) in others  # balance first: its first page is cached
+    for r in replicas:
+        r.load = 1
+    assert pick(replicas, [*system, *[6] * 40], 16) is first  # equal loads: the one with the longest start
+    assert pick(replicas, system[:40], 16) is first  # 2 of its pages
+    second = pick(replicas, [7] * 64, 16)
+    assert pick(replicas, [7] * 64, 16) is second
+    first.load = 2
+    assert pick(replicas, system, 16) is not first
 
 
 def test_a_replicas_error_reaches_the_front_as_raised() -> None:
@@ -69,7 +86,6 @@ def _answers(url: str) -> list[str]:
         return list(pool.map(one, PROMPTS))
 
 
-@pytest.mark.slow
 def test_replicas_answer_as_one_engine_does_and_a_dead_one_stops_the_server(server, aot_dir, tmp_path) -> None:
     with ready_server(aot_dir, tmp_path / "replicas.log", "--replicas", "2") as replicas:
         pids = _replica_pids(replicas)
@@ -111,7 +127,6 @@ def test_replicas_answer_as_one_engine_does_and_a_dead_one_stops_the_server(serv
         assert "replica 1" in replicas.log_tail(80)
 
 
-@pytest.mark.slow
 def test_sigterm_lets_each_replica_finish_its_requests_and_exits_0(aot_dir, tmp_path) -> None:
     with ready_server(aot_dir, tmp_path / "replicas.log", "--replicas", "2") as replicas:
         client = OpenAI(base_url=replicas.url + "/v1", api_key="none", max_retries=0)
