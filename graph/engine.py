@@ -136,7 +136,37 @@ class RequestStream:
             self._engine.abort(self.request_id)
 
 
-class Engine:
+class ModelFacts:
+    """What the server reads of the model behind an engine (or its replicas, graph/replicas.py)."""
+
+    model: LoadedModel
+    config: EngineConfig
+
+    @property
+    def model_name(self) -> str:
+        return self.model.name
+
+    @property
+    def system_fingerprint(self) -> str:
+        """The model's weights, dtype and config, as responses report them."""
+        return f"fp_{self.model.fingerprint[:10]}"
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.model.tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids run from 0 to vocab_size - 1 (the model's logits, added tokens included)."""
+        return self.model.cfg.vocab_size
+
+    @property
+    def max_seq_len(self) -> int:
+        """Context length of one request: prompt plus max_tokens."""
+        return self.config.max_seq_len
+
+
+class Engine(ModelFacts):
     def __init__(self, model: LoadedModel, config: EngineConfig, table: ExecutableTable):
         # several processes: the followers run every device call this one makes (graph/multihost.py)
         self.channel = multihost.StepChannel() if multihost.is_multiprocess() else None
@@ -146,7 +176,6 @@ class Engine:
         self.config = config
         self.table = table
         self.buckets = table.buckets
-        self.system_fingerprint = f"fp_{model.fingerprint[:10]}"
         self.allocator = PageAllocator(table.num_pages, caching=config.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.allocator,
@@ -227,24 +256,6 @@ class Engine:
         return cls(model, config, table)
 
     # ---- the async front ----
-
-    @property
-    def model_name(self) -> str:
-        return self.model.name
-
-    @property
-    def tokenizer(self) -> Tokenizer:
-        return self.model.tokenizer
-
-    @property
-    def vocab_size(self) -> int:
-        """Token ids run from 0 to vocab_size - 1 (the model's logits, added tokens included)."""
-        return self.model.cfg.vocab_size
-
-    @property
-    def max_seq_len(self) -> int:
-        """Context length of one request: prompt plus max_tokens."""
-        return self.config.max_seq_len
 
     @contextlib.contextmanager
     def together(self) -> Iterator[None]:

@@ -44,6 +44,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from graph.api import EngineBrokenError, EngineConfig, EngineStoppedError, RequestOutput, SamplingParams
+from graph.engine import ModelFacts, RequestStream
 
 log = logging.getLogger(__name__)
 CALL_TIMEOUT = 60.0  # seconds a replica may take to answer a call (a grammar compiles in `submit`)
@@ -91,7 +92,9 @@ def replica_main(
     conn: Connection, index: int, cpus: set[int], source: str | None, config: EngineConfig, log_level: int
 ) -> None:
     """A replica: pin to `cpus`, load the model, build its engine, then serve the front's calls."""
-    os.sched_setaffinity(0, cpus)  # before jax starts: its thread pools are sized by the cores it may use
+    # every thread (an import may have started some), before jax starts its pools
+    for thread in os.listdir("/proc/self/task"):
+        os.sched_setaffinity(int(thread), cpus)
     for sig in (signal.SIGINT, signal.SIGTERM):  # the front stops it; Ctrl+C reaches the whole group
         signal.signal(sig, signal.SIG_IGN)
     logging.basicConfig(
@@ -228,12 +231,11 @@ def pick(replicas: list[_Replica], prompt_ids: list[int], page_size: int) -> _Re
     return chosen
 
 
-class Replicas:
+class Replicas(ModelFacts):
     """The front of N engine replicas, with the interface the server uses of an `Engine`."""
 
     def __init__(self, model: Any, config: EngineConfig, replicas: list[_Replica]) -> None:
         self.model, self.config, self.replicas = model, config, replicas
-        self.system_fingerprint = f"fp_{model.fingerprint[:10]}"
         self._lock = threading.Lock()
         self._requests: dict[str, tuple[Any, _Replica]] = {}  # request id -> (stream, replica)
         self._tokens = itertools.count()
@@ -255,6 +257,8 @@ class Replicas:
 
         if jax.default_backend() != "cpu":  # every replica would take the same accelerators
             raise ValueError("--replicas splits the CPU cores between engines; on GPU or TPU use --data-parallel")
+        if not hasattr(os, "sched_setaffinity"):
+            raise ValueError("--replicas pins each replica to its cores, which needs Linux")
         shares = split_cpus(os.sched_getaffinity(0), n)
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no jax state, no threads
         replicas = []
@@ -290,22 +294,6 @@ class Replicas:
 
     # ---- the engine's interface ----
 
-    @property
-    def model_name(self) -> str:
-        return self.model.name
-
-    @property
-    def tokenizer(self) -> Any:
-        return self.model.tokenizer
-
-    @property
-    def vocab_size(self) -> int:
-        return self.model.cfg.vocab_size
-
-    @property
-    def max_seq_len(self) -> int:
-        return self.config.max_seq_len
-
     @contextlib.contextmanager
     def together(self) -> Iterator[None]:
         yield  # each replica admits what it gets as it comes
@@ -318,8 +306,6 @@ class Replicas:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Any:
         """Queue a request on the least loaded replica; raises what that replica's engine raised."""
-        from graph.engine import RequestStream
-
         request_id = request_id or uuid.uuid4().hex
         with self._lock:
             if not self._accepting:

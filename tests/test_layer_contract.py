@@ -1,6 +1,7 @@
 """The layer contract of graph/api.py: serving reaches the engine only through `graph.api` types and
 `Engine`'s public members (what it needs of the model too: vocabulary size, tokenizer, context
-length, name), and `python -m graph.aot` compiles without importing the threaded engine."""
+length, name), which `Replicas` (graph/replicas.py) has too, and `python -m graph.aot` compiles
+without importing the threaded engine."""
 
 from __future__ import annotations
 
@@ -19,9 +20,10 @@ ENGINE_SURFACE = {
     "submit", "abort", "stats", "broken", "shutdown",
     "vocab_size", "tokenizer", "max_seq_len", "model_name", "system_fingerprint",
 }  # fmt: skip
-# graph modules serving may import: the contract, the engine (to build one), and the command lines
-# (serving/config.py generates its options with graph.cli; `xlaserve compile` runs graph.aot).
-GRAPH_IMPORTS = {"graph.api", "graph.engine", "graph.multihost", "graph.cli", "graph.aot"}
+# graph modules serving may import: the contract, the engine and its replicas (to build them), and the
+# command lines (serving/config.py generates its options with graph.cli; `xlaserve compile` runs graph.aot).
+GRAPH_IMPORTS = {"graph.api", "graph.engine", "graph.replicas", "graph.multihost", "graph.cli", "graph.aot"}
+BUILDERS = {"graph.engine": ["Engine"], "graph.replicas": ["Replicas"]}  # what serving imports of those two
 
 
 def _serving_trees() -> dict[str, ast.Module]:
@@ -45,8 +47,8 @@ def test_serving_imports_only_the_graph_contract():
             modules = []
             if isinstance(node, ast.ImportFrom) and node.module:
                 modules = [node.module]
-                if node.module == "graph.engine":
-                    assert [a.name for a in node.names] == ["Engine"], name
+                if node.module in BUILDERS:
+                    assert [a.name for a in node.names] == BUILDERS[node.module], name
             elif isinstance(node, ast.Import):
                 modules = [a.name for a in node.names]
             for module in modules:
@@ -62,6 +64,9 @@ def test_serving_uses_only_the_engines_public_members(aot_engine):
                 used.add(node.attr)
     assert used >= {"submit", "tokenizer", "max_seq_len"}  # the walk sees the uses
     assert all(hasattr(aot_engine, attr) and not attr.startswith("_") for attr in ENGINE_SURFACE)
+    from graph.replicas import Replicas
+
+    assert all(hasattr(Replicas, attr) for attr in ENGINE_SURFACE)
 
 
 def test_engine_tells_its_vocabulary_tokenizer_context_and_name(aot_engine, smol_model):
