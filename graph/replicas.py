@@ -39,12 +39,12 @@ import os
 import signal
 import threading
 import uuid
-from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from typing import Any
 
 from graph.api import EngineBrokenError, EngineConfig, EngineStoppedError, RequestOutput, SamplingParams
-from graph.engine import ModelFacts, RequestStream
+from graph.engine import Engine, ModelFacts, RequestStream
+from models.loader import LoadedModel
 
 log = logging.getLogger(__name__)
 CALL_TIMEOUT = 60.0  # seconds a replica may take to answer a call (a grammar compiles in `submit`)
@@ -102,7 +102,6 @@ def replica_main(
         format=f"%(asctime)s %(levelname)s replica {index} %(name)s: %(message)s",
         force=True,
     )
-    from graph.engine import Engine
     from models import loader
 
     try:
@@ -119,7 +118,7 @@ class _ReplicaLoop:
     """A replica's side of the pipe: the front's calls in, each request's deltas out (all sends
     from this event loop's thread)."""
 
-    def __init__(self, conn: Connection, engine: Any) -> None:
+    def __init__(self, conn: Connection, engine: Engine) -> None:
         self.conn, self.engine = conn, engine
         self.forwarding: dict[str, asyncio.Task[None]] = {}  # request id -> its deltas' forwarding
         self.calls: set[asyncio.Future[None]] = set()  # blocking calls on their threads
@@ -167,7 +166,7 @@ class _ReplicaLoop:
         task = self.forwarding[request_id] = asyncio.ensure_future(self._forward(request_id, stream))
         task.add_done_callback(lambda _: self.forwarding.pop(request_id, None))
 
-    async def _forward(self, request_id: str, stream: Any) -> None:
+    async def _forward(self, request_id: str, stream: RequestStream) -> None:
         async for out in stream:
             self._send(("out", request_id, out))
 
@@ -203,7 +202,6 @@ class _Replica:
         self.broken: str | None = None
         self.send_lock = threading.Lock()
         self.pending: dict[int, concurrent.futures.Future[Any]] = {}
-        self.reader: threading.Thread | None = None
 
 
 class _ReplicaGone(Exception):
@@ -234,18 +232,17 @@ def pick(replicas: list[_Replica], prompt_ids: list[int], page_size: int) -> _Re
 class Replicas(ModelFacts):
     """The front of N engine replicas, with the interface the server uses of an `Engine`."""
 
-    def __init__(self, model: Any, config: EngineConfig, replicas: list[_Replica]) -> None:
+    def __init__(self, model: LoadedModel, config: EngineConfig, replicas: list[_Replica]) -> None:
         self.model, self.config, self.replicas = model, config, replicas
         self._lock = threading.Lock()
-        self._requests: dict[str, tuple[Any, _Replica]] = {}  # request id -> (stream, replica)
+        self._requests: dict[str, tuple[RequestStream, _Replica]] = {}  # request id -> (stream, replica)
         self._tokens = itertools.count()
         self._accepting = True
         self._stopped = False
         # before multiprocessing's own exit hook, which would wait forever for a replica that ignores SIGTERM
         atexit.register(self.shutdown, 0.0)
         for r in replicas:
-            r.reader = threading.Thread(target=self._read, args=(r,), name=f"replica-{r.index}-reader", daemon=True)
-            r.reader.start()
+            threading.Thread(target=self._read, args=(r,), name=f"replica-{r.index}-reader", daemon=True).start()
 
     @classmethod
     def start(cls, source: str | None, config: EngineConfig, n: int, log_level: int = logging.INFO) -> Replicas:
@@ -294,17 +291,13 @@ class Replicas(ModelFacts):
 
     # ---- the engine's interface ----
 
-    @contextlib.contextmanager
-    def together(self) -> Iterator[None]:
-        yield  # each replica admits what it gets as it comes
-
     @property
     def broken(self) -> str | None:
         if self._stopped:
             return None
         return next((f"replica {r.index}: {r.broken}" for r in self.replicas if r.broken is not None), None)
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> Any:
+    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> RequestStream:
         """Queue a request on the least loaded replica; raises what that replica's engine raised."""
         request_id = request_id or uuid.uuid4().hex
         with self._lock:
