@@ -14,7 +14,9 @@ together, in full chunks without decode rows, as long as the rest takes at most 
 steps. Each is prefilled but its last token ("parked"), and one decode step then feeds every last
 token: the burst's first tokens come out together (as where a server prefills a whole batch in one
 step) and the burst decodes in step, with no stall after a first token and no mixed steps in its
-inter-token gaps. A prompt that arrives later is prefilled beside the decode rows as above.
+inter-token gaps. The burst's first prompt, when prefilled alone before the rest came, has its
+first token then, and waits for the others' before its second (`_decode`): the burst finishes in
+one step. A prompt that arrives later is prefilled beside the decode rows as above.
 
 Packing: what the oldest prompt leaves of a step's chunk budget goes to the next prompts in
 arrival order (up to `packed_rows` prompts in one chunk, the last one possibly cut), so several
@@ -368,7 +370,17 @@ class Scheduler:
 
     def _decode(self, ready: list[Sequence], look_ahead: bool) -> Decode | None:
         """A decode step of `ready`, speculative where drafts are found (never while a step is in
-        flight: a draft is looked up from the tokens before it)."""
+        flight: a draft is looked up from the tokens before it).
+
+        A step that gives some sequences their first token (a burst's parked prompts, a one-token
+        or fully cached prompt) gives none its second: one that has only its first token (from
+        its own prefill: the burst's first prompt, prefilled alone before the rest came) sits the
+        step out, so the burst's streams have as many tokens after it and finish in one step.
+        Otherwise that one would finish a step before the rest; in a closed loop its client's next
+        prompt would arrive alone, go in a mixed step beside the others' last tokens, have its
+        first token a step early again, and keep the burst out of step for good."""
+        if any(not s.output for s in ready):
+            ready = [s for s in ready if len(s.output) != 1]
         if not ready:
             return None
         if look_ahead or not self.speculative_tokens or len(ready) > self.speculative_max_batch:

@@ -273,18 +273,19 @@ def test_the_youngest_is_preempted_and_resumes_where_it_was():
     d = Driver(3, page_size=2, max_batch=4, max_prefill_tokens=8)
     a = d.add("a", [10, 11, 12], max_tokens=3)  # 2 pages
     b = d.add("b", [50], max_tokens=3)  # 1 page: the pool is full
-    d.step()
-    d.step()
-    assert d.trace == [("P", "a", 0, 3), ("D", "a", "b")]
+    for _ in range(3):
+        d.step()
+    # b's one prompt token is its first decode row: a, which has its first token, waits for it
+    assert d.trace == [("P", "a", 0, 3), ("D", "b"), ("D", "a", "b")]
     d.step()  # a's 5th token needs a page: b, the youngest, gives its page up
     assert d.trace[-1] == ("D", "a") and "a" in d.finished
-    assert b.preemptions == 1 and a.preemptions == 0 and b.output == [51]
+    assert b.preemptions == 1 and a.preemptions == 0 and b.output == [51, 52]
     assert d.run() == [
         ("P", "a", 0, 3),
+        ("D", "b"),
         ("D", "a", "b"),
         ("D", "a"),
-        ("P", "b", 0, 2),  # prompt and output so far are prefilled again
-        ("D", "b"),
+        ("P", "b", 0, 3),  # prompt and output so far are prefilled again: its last token follows
     ]
     assert d.finished == {"a": [13, 14, 15], "b": [51, 52, 53]}
     assert d.allocator.num_free == 3
@@ -426,6 +427,25 @@ def test_a_burst_is_prefilled_first_and_its_first_tokens_come_out_together():
         ("D", "a", "b", "c", "d", "e"),
     ]
     assert d.finished == {x: expected(list(range(8)), 3) for x in "abcde"}
+
+
+def test_a_burst_after_a_lone_first_prompt_stays_in_step():
+    """The first prompt, prefilled alone, has its first token before its companions: it sits out
+    their first decode, so all of them finish in the same step (in a closed loop, their clients'
+    next prompts then come back together, as a burst again, not one alone a step early)."""
+    d = Driver(64, page_size=4, max_batch=8, max_prefill_tokens=16, mixed_tokens=4, packed_rows=2)
+    d.add("a", list(range(8)), max_tokens=3)
+    d.step()  # a alone: its whole prompt, and its first token
+    d.add("b", list(range(8)), max_tokens=3)
+    d.add("c", list(range(8)), max_tokens=3)
+    assert d.run() == [
+        ("P", "a", 0, 8),
+        ("P", "b", 0, 7, "c", 0, 7),  # before a decodes: a's burst
+        ("D", "b", "c"),  # their first tokens; a waits
+        ("D", "a", "b", "c"),
+        ("D", "a", "b", "c"),  # the last token of all three
+    ]
+    assert d.finished == {x: expected(list(range(8)), 3) for x in "abc"}
 
 
 @pytest.mark.parametrize("late", [True, False], ids=["arrived-after-a-decode", "more-than-burst-steps"])
