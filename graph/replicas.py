@@ -30,7 +30,6 @@ import atexit
 import collections
 import concurrent.futures
 import contextlib
-import dataclasses
 import importlib
 import itertools
 import logging
@@ -271,8 +270,7 @@ class Replicas(ModelFacts):
             theirs.close()
             replicas.append(_Replica(i, process, ours, cpus))
         try:
-            model = loader.load_model(source, config.dtype, config.tokenizer_cache())
-            model = dataclasses.replace(model, params={})  # the front keeps no weights
+            model = loader.load_model(source, config.dtype, config.tokenizer_cache(), weights=False)
             for r in replicas:
                 try:
                     kind, detail = r.conn.recv()

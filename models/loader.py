@@ -111,9 +111,13 @@ def _fingerprint(cfg: ModelConfig, dtype: str, files: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def load_model(source: str | None = None, dtype: str = "float32", tokenizer_cache: Path | None = None) -> LoadedModel:
+def load_model(
+    source: str | None = None, dtype: str = "float32", tokenizer_cache: Path | None = None, weights: bool = True
+) -> LoadedModel:
     """Load config, weights (as `dtype`) and tokenizer of a model source. `tokenizer_cache`: a
-    directory that keeps a GGUF file's converted tokenizer for the next load (models/tokenizer.py)."""
+    directory that keeps a GGUF file's converted tokenizer for the next load (models/tokenizer.py).
+    `weights=False`: all but the weights (`params` empty), for a process that serves the API in
+    front of engines that load them themselves (graph/replicas.py)."""
     if dtype not in DTYPES:
         raise ModelLoadError(f"unsupported dtype {dtype!r} (supported: {', '.join(DTYPES)})")
     name, path = resolve(source)
@@ -124,11 +128,11 @@ def load_model(source: str | None = None, dtype: str = "float32", tokenizer_cach
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelLoadError(f"{path}: not a model: expected a .gguf file or a Hugging Face directory")
-        cfg, params, files, tokenizer = _load_gguf(path, dtype, tokenizer_cache)
+        cfg, params, files, tokenizer = _load_gguf(path, dtype, tokenizer_cache, weights)
     else:
-        cfg, params, files = _load_hf_dir(path, dtype)
+        cfg, params, files = _load_hf_dir(path, dtype, weights)
         tokenizer = load_tokenizer(path, eos_token_ids=cfg.eos_token_ids)
-    log.info("loaded %s in %.1fs", name, time.monotonic() - started)
+    log.info("loaded %s%s in %.1fs", name, "" if weights else "'s config and tokenizer", time.monotonic() - started)
     return LoadedModel(name, cfg, params, tokenizer, dtype, _fingerprint(cfg, dtype, files), path)
 
 
@@ -146,14 +150,17 @@ def _load_checkpoint_dir(path: Path, dtype: str, started: float) -> LoadedModel:
     return LoadedModel(info.name, info.cfg, {}, tokenizer, dtype, info.fingerprint, path, info.checkpoint)
 
 
-def _load_gguf(path: Path, dtype: str, tokenizer_cache: Path | None):
-    from models.gguf import read_gguf, read_gguf_metadata
+def _load_gguf(path: Path, dtype: str, tokenizer_cache: Path | None, weights: bool):
+    from models.gguf import hf_config_from_metadata, read_gguf, read_gguf_metadata
 
     header = read_gguf_metadata(path)  # once: Gemma 3's 262k-token vocabulary takes a second to parse
-    ckpt = read_gguf(path, header=header)
-    cfg = ModelConfig.from_hf(ckpt.hf_config, source=str(path))
-    tensors = ((n, a, path) for n, a in ckpt.tensors.items())
-    params = assemble_params(cfg, tensors, DTYPES[dtype], source=str(path), total=len(ckpt.tensors))
+    if weights:
+        ckpt = read_gguf(path, header=header)
+        cfg = ModelConfig.from_hf(ckpt.hf_config, source=str(path))
+        tensors = ((n, a, path) for n, a in ckpt.tensors.items())
+        params = assemble_params(cfg, tensors, DTYPES[dtype], source=str(path), total=len(ckpt.tensors))
+    else:
+        cfg, params = ModelConfig.from_hf(hf_config_from_metadata(header), source=str(path)), {}
     return (
         cfg,
         params,
@@ -162,7 +169,7 @@ def _load_gguf(path: Path, dtype: str, tokenizer_cache: Path | None):
     )
 
 
-def _load_hf_dir(path: Path, dtype: str):
+def _load_hf_dir(path: Path, dtype: str, weights: bool):
     config_file = path / "config.json"
     if not config_file.exists():
         raise ModelLoadError(f"{config_file}: file not found (a Hugging Face model directory needs one)")
@@ -172,5 +179,5 @@ def _load_hf_dir(path: Path, dtype: str):
         raise ModelLoadError(f"{config_file}: invalid JSON ({e})") from e
     cfg = ModelConfig.from_hf(hf_config, source=str(config_file))
     files = safetensors_files(path)
-    params = assemble_params(cfg, iter_tensors(files), DTYPES[dtype], source=str(path))
+    params = assemble_params(cfg, iter_tensors(files), DTYPES[dtype], source=str(path)) if weights else {}
     return cfg, params, files

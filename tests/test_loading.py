@@ -49,6 +49,18 @@ def test_sharded_directory_loads_and_runs(hf_dir):
     assert m.params["layers"]["q"].shape == (2, 32, 4, 8)
 
 
+@pytest.mark.parametrize("source", ["hf", "gguf"])
+def test_facts_without_weights_are_those_of_the_full_load(source, hf_dir, smol_model):
+    """What the front of engine replicas loads (graph/replicas.py): the same name, config,
+    fingerprint and tokenizer as a full load, and no weights."""
+    path = str(hf_dir) if source == "hf" else str(smol_model.path)
+    full, facts = load_model(path), load_model(path, weights=False)
+    assert facts.params == {} and full.params
+    assert (facts.name, facts.cfg, facts.fingerprint) == (full.name, full.cfg, full.fingerprint)
+    text = "The facts, not the weights: 123 ünïcode"
+    assert facts.tokenizer.encode(text) == full.tokenizer.encode(text)
+
+
 def test_bfloat16_option(hf_dir):
     m32, m16 = load_model(str(hf_dir)), load_model(str(hf_dir), dtype="bfloat16")
     assert m16.params["embed"].dtype == jnp.bfloat16
