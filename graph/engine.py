@@ -368,6 +368,7 @@ class Engine(ModelFacts):
         return {
             "steps": self.steps,
             "steps_looked_ahead": self.looked_ahead,
+            "preemptions": self.scheduler.preemptions,
             "spec_draft_tokens": self.draft_tokens,
             "spec_accepted_tokens": self.accepted_tokens,
             "step_host_seconds": self.host_seconds,

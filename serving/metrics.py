@@ -29,6 +29,10 @@ _ENGINE_GAUGES = {
 }
 _ENGINE_COUNTERS = {
     "steps": ("xlaserve_engine_steps", "Engine steps run"),
+    "preemptions": (
+        "xlaserve_num_preemptions",
+        "Requests preempted: their KV pages went to older requests, and they resume by prefilling again",
+    ),
     "steps_looked_ahead": (
         "xlaserve_engine_steps_looked_ahead",
         "Engine steps dispatched before the step in flight was read (pipelining)",

@@ -79,7 +79,7 @@ def test_a_prompt_preempted_during_its_prefill_gets_the_same_tokens_and_prompt_l
     assert any(0 < done < length for done, length in victims), f"no preemption during a prefill: {victims}"
     for ours, theirs in zip(got, reference, strict=True):
         _assert_same(ours, theirs)
-    assert stats["pages_used"] == 0, stats
+    assert stats["pages_used"] == 0 and stats["preemptions"] == len(victims), stats
 
 
 def test_requests_preempted_while_decoding_get_the_same_tokens_and_prompt_logprobs(tiny_model, alone, monkeypatch):
@@ -95,4 +95,4 @@ def test_requests_preempted_while_decoding_get_the_same_tokens_and_prompt_logpro
     assert any(done >= length for done, length in victims), f"no preemption while decoding: {victims}"
     for ours, theirs in zip(got, reference, strict=True):
         _assert_same(ours, theirs)
-    assert stats["pages_used"] == 0, stats
+    assert stats["pages_used"] == 0 and stats["preemptions"] == len(victims), stats
