@@ -124,7 +124,8 @@ class Weights:
 
 
 # Logical axes of each compute-form field (a stacked layer's have a leading "layers"); an int8
-# `QTensor` has its matrix's axes on `q` and the output axis on `scale`.
+# `QTensor` has its matrix's axes on `q` (transposed: output, then input) and the output axis on
+# `scale`.
 COMPUTE_AXES: dict[str, tuple[str, ...]] = {
     "embed": ("vocab", "embed"),
     "final_norm": ("norm",),
@@ -154,6 +155,8 @@ def compute_axes(weights: Weights) -> Any:
         out: tuple[str | None, ...] = COMPUTE_AXES[field]
         if names[-1] == "scale":  # QTensor: one scale per output channel
             out = out[-1:]
+        elif names[-1] == "q":  # QTensor: the matrix stored transposed, [..., out, in]
+            out = (*out[:-2], out[-1], out[-2])
         lead = len(leaf.shape) - len(out)  # 1 for a stacked layer's leaf, else 0
         if lead not in (0, 1):
             raise ValueError(f"{jax.tree_util.keystr(path)}: shape {leaf.shape} does not fit axes {out}")
