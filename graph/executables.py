@@ -35,6 +35,7 @@ from graph.buckets import Buckets
 from graph.layout import kv_dtype, layer_loop, mesh_of
 from graph.programs import INIT_KV, Key, StepProgram, lowerings, sharded_inputs, unit_names
 from graph.step import State, StepInputs, carry_size
+from models import quant
 from models.config import ModelConfig
 
 log = logging.getLogger("graph.executables")
@@ -364,6 +365,7 @@ def identity(fingerprint: str, dtype: str, config: EngineConfig, buckets: Bucket
         "max_seq_len": config.max_seq_len,
         "layer_loop": layer_loop(config),
         "quantize": config.quantize,
+        **({"int8_layout": quant.LAYOUT} if config.quantize == "int8" else {}),
         "kv_cache_dtype": kv_dtype(config, dtype),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "step_inputs": list(StepInputs._fields),  # what every step takes (e.g. the grammar mask)

@@ -25,7 +25,7 @@ from models.errors import ModelLoadError
 METADATA = "xlaserve.json"
 WEIGHTS = "weights"
 FORMAT = "xlaserve-compute-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: int8 matrices stored output-major (models/quant.py)
 # Orbax writes this file last, when a checkpoint is complete; a directory without it is partial.
 ORBAX_DONE = "_CHECKPOINT_METADATA"
 

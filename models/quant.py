@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+LAYOUT = "out-in"  # how `QTensor.q` holds its matrix: compiled executables and checkpoints depend on it
 ROTATE_BLOCK = 64  # Hadamard block size for W8A8 (the largest power of two <= this dividing `in`)
 
 

@@ -125,6 +125,15 @@ def test_int8_artifact_starts_with_zero_compilations(artifact, tmp_path, smol_mo
         ExecutableTable.load(
             int8, smol_model.cfg, "float32", float32, Buckets.from_config(float32), smol_model.fingerprint
         )
+    # made before int8 matrices were stored output-major: its executables take the other shapes
+    manifest = json.loads((int8 / "manifest.json").read_text())
+    assert manifest.pop("int8_layout") == "out-in"
+    older = shutil.copytree(int8, tmp_path / "older")
+    (older / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactMismatchError, match="int8_layout"):
+        ExecutableTable.load(
+            older, smol_model.cfg, "float32", config, Buckets.from_config(config), smol_model.fingerprint
+        )
 
 
 def test_manifest_describes_the_artifact(artifact):
