@@ -1,8 +1,8 @@
 """int8 weights and the one linear-layer helper every matrix product of the models goes through.
 
 A `QTensor` is an int8 matrix `[..., in, out]` with one float32 scale per output channel, stored
-output-major (`q` is `[..., out, in]`: XLA:CPU's int8 dot ran 1.1-1.5x faster on it than on
-`[in, out]` for SmolLM2's shapes, batch 2 to a 256-token chunk, on a Zen 4). How it
+output-major (`q` is `[..., out, in]`: XLA:CPU's int8 dot ran up to 1.46x faster on it than on
+`[in, out]` for SmolLM2's shapes, from 2 rows to a 256-token chunk, on a Zen 4). How it
 multiplies is chosen by whoever quantized it (`graph/` decides per backend; models never ask):
 - `act_quant=True` (W8A8, for XLA:CPU): the activations are quantized to int8 per row on the fly
   and the product is int8 x int8 -> int32, which XLA:CPU hands to YNNPACK with the weights read as
