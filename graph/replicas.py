@@ -93,7 +93,8 @@ def replica_main(
     """A replica: pin to `cpus`, load the model, build its engine, then serve the front's calls."""
     # every thread (an import may have started some), before jax starts its pools
     for thread in os.listdir("/proc/self/task"):
-        os.sched_setaffinity(int(thread), cpus)
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended since the listing
+            os.sched_setaffinity(int(thread), cpus)
     for sig in (signal.SIGINT, signal.SIGTERM):  # the front stops it; Ctrl+C reaches the whole group
         signal.signal(sig, signal.SIG_IGN)
     logging.basicConfig(
