@@ -4,12 +4,24 @@ bits in any batch."""
 
 from __future__ import annotations
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.layers import PACKED_BF16, KVCache, kv_slots, pack_bf16, paged_attention, rms_norm, unpack_bf16, write_kv
+from models.layers import (
+    PACKED_BF16,
+    KVCache,
+    kv_slots,
+    pack_bf16,
+    paged_attention,
+    rms_norm,
+    unembed,
+    unpack_bf16,
+    write_kv,
+)
 from models.quant import _rotate, linear, quantize, rotation_block
 
 B, K, G, Dh, S, W, L = 3, 2, 3, 8, 4, 5, 2  # 3 sequences, 2 kv heads x 3 queries each, 5 pages of 4
@@ -174,6 +186,21 @@ def _first_row_by_batch(fn, rows: np.ndarray, batches=(1, 2, 4, 8, 16)) -> dict[
     """fn's first row of output for the first `b` rows of `rows`, one compilation per batch."""
     jitted = jax.jit(fn)
     return {b: np.asarray(jitted(jnp.asarray(rows[:b])))[0] for b in batches}
+
+
+def test_a_bfloat16_rows_linear_and_tied_logits_are_the_same_bits_in_any_batch():
+    """A bfloat16 model's matrix products (float32 accumulation, one row padded to two) and its
+    tied output head: a row's result alone is its result among 2 to 16 rows."""
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(16, 576)).astype(np.float32)
+    w = jnp.asarray(rng.normal(size=(576, 3072)).astype(np.float32)).astype(jnp.bfloat16)
+    outs = _first_row_by_batch(lambda x: linear(x.astype(jnp.bfloat16), w).astype(jnp.float32), x)
+    assert all(np.array_equal(o, outs[1]) for o in outs.values())
+    embed = jnp.asarray(rng.normal(size=(4096, 576)).astype(np.float32)).astype(jnp.bfloat16)
+    weights = types.SimpleNamespace(lm_head=None, embed=embed)
+    cfg = types.SimpleNamespace(final_logit_softcap=None)
+    logits = _first_row_by_batch(lambda x: unembed(weights, cfg, x.astype(jnp.bfloat16)), x)
+    assert all(np.array_equal(o, logits[1]) for o in logits.values())
 
 
 def test_a_rows_norm_and_attention_are_the_same_bits_in_any_batch():
