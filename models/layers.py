@@ -326,14 +326,16 @@ def attention(
 
 
 def mlp(cfg: ModelConfig, lw: LayerWeights, x: jax.Array) -> jax.Array:
-    gate, up = jnp.split(linear(x, lw.gate_up), 2, axis=-1)
+    # gate and up stay float32 until their product (a bfloat16 model's activation function in
+    # bfloat16 took 3.6x as long on XLA:CPU: 0.93 against 0.26 ms at 256 tokens of SmolLM2)
+    gate, up = jnp.split(linear(x, lw.gate_up, jnp.float32), 2, axis=-1)
     if cfg.hidden_act in ("gelu_pytorch_tanh", "gelu_tanh"):
         act = jax.nn.gelu(gate, approximate=True)
     elif cfg.hidden_act in ("silu", "swish"):
         act = jax.nn.silu(gate)
     else:
         raise ValueError(f"unsupported activation {cfg.hidden_act!r}")
-    return linear(act * up, lw.down)
+    return linear((act * up).astype(x.dtype), lw.down)
 
 
 def unembed(w: Weights, cfg: ModelConfig, h: jax.Array) -> jax.Array:
