@@ -28,7 +28,7 @@ import numpy as np
 from models import kernels
 from models.config import ModelConfig, RopeConfig
 from models.params import LayerWeights, Weights
-from models.quant import linear
+from models.quant import linear, on_rows
 
 _MASKED = -1e30  # finite, so a fully masked (padding) row gives a uniform softmax, not NaN
 
@@ -341,11 +341,14 @@ def mlp(cfg: ModelConfig, lw: LayerWeights, x: jax.Array) -> jax.Array:
 def unembed(w: Weights, cfg: ModelConfig, h: jax.Array) -> jax.Array:
     """Final-normed hidden [..., D] -> float32 logits [..., V] (with Gemma's soft-capping)."""
     if w.lm_head is None:  # tied
-        rows = h.reshape(-1, h.shape[-1])
-        if len(rows) == 1 and h.dtype != jnp.float32:  # XLA:CPU upcasts and copies the whole matrix for one
-            rows = jnp.pad(rows, ((0, 1), (0, 0)))  # bfloat16 row (SmolLM2: 35 -> 4 ms); two rows go to YNNPACK
-        logits = jnp.einsum("md,vd->mv", rows, w.embed, preferred_element_type=jnp.float32)
-        logits = logits[: math.prod(h.shape[:-1])].reshape(*h.shape[:-1], -1)
+
+        def product(x: jax.Array) -> jax.Array:
+            return jnp.einsum("...d,vd->...v", x, w.embed, preferred_element_type=jnp.float32)
+
+        if h.dtype == jnp.float32:
+            logits = product(h)
+        else:  # a bfloat16 row alone: XLA:CPU copied the whole matrix to float32 first (SmolLM2: 35 -> 4 ms)
+            logits = on_rows(product, h)
     else:
         logits = linear(h, w.lm_head, jnp.float32)
     if cfg.final_logit_softcap:

@@ -88,6 +88,17 @@ def quantize(w: Any, act_quant: bool, xp: Any) -> QTensor:
     return QTensor(q, scale, act_quant, rotate)
 
 
+def on_rows(fn: Any, x: jax.Array) -> jax.Array:
+    """fn over x's rows [M, in] -> [M, out], one row padded to two: XLA:CPU hands a product of two
+    rows and more to YNNPACK, a row's result the same bits however many there are, but takes a
+    single row to its own emitter (a one-core matrix-vector loop, other bits, and for bfloat16 a
+    float32 copy of the whole matrix first). -> [..., out]."""
+    rows = x.reshape(-1, x.shape[-1])
+    m = rows.shape[0]
+    y = fn(jnp.pad(rows, ((0, 1), (0, 0))) if m == 1 else rows)
+    return y[:m].reshape(*x.shape[:-1], y.shape[-1])
+
+
 def linear(x: jax.Array, w: jax.Array | QTensor, out_dtype: Any = None) -> jax.Array:
     """x [..., in] @ w [in, out] -> [..., out] (in `out_dtype`, default x's dtype)."""
     out_dtype = out_dtype or x.dtype
@@ -96,28 +107,22 @@ def linear(x: jax.Array, w: jax.Array | QTensor, out_dtype: Any = None) -> jax.A
             return jnp.einsum("...i,io->...o", x, w, preferred_element_type=out_dtype)
         # bfloat16: accumulated and returned in float32, then rounded. XLA:CPU runs bfloat16 x
         # bfloat16 -> float32 at 2x the speed of -> bfloat16 (YNNPACK, 512 rows of SmolLM2's
-        # shapes on an avx512_bf16 Zen 4: 192-206 against 88-90 GMAC/s), and a row comes out the
-        # same bits in any number of rows from two up; one row alone is padded to two (XLA's own
-        # emitter would take it, to other bits). On GPU/TPU it is the usual form.
-        rows = x.reshape(-1, x.shape[-1])
-        m = rows.shape[0]
-        if m == 1:
-            rows = jnp.pad(rows, ((0, 1), (0, 0)))
-        y = jnp.einsum("mi,io->mo", rows, w, preferred_element_type=jnp.float32)
-        return y[:m].reshape(*x.shape[:-1], w.shape[-1]).astype(out_dtype)
+        # shapes on an avx512_bf16 Zen 4: 192-206 against 88-90 GMAC/s); on GPU/TPU it is the
+        # usual form.
+        y = on_rows(lambda rows: jnp.einsum("mi,io->mo", rows, w, preferred_element_type=jnp.float32), x)
+        return y.astype(out_dtype)
     if not w.act_quant:
         y = jnp.einsum("...i,oi->...o", x, w.q.astype(x.dtype), preferred_element_type=jnp.float32)
         return (y * w.scale).astype(out_dtype)
-    lead, n_in = x.shape[:-1], x.shape[-1]
-    rows = x.reshape(-1, n_in).astype(jnp.float32)
-    if w.rotate:
-        rows = _rotate(rows, w.rotate, jnp, axis=-1)
-    m = rows.shape[0]
-    if m == 1:  # M = 1 would leave YNNPACK for a one-core matrix-vector loop
-        rows = jnp.pad(rows, ((0, 1), (0, 0)))
-    amax = jnp.max(jnp.abs(rows), axis=-1, keepdims=True)
-    x_scale = jnp.where(amax > 0, amax / 127.0, 1.0)
-    xq = jnp.clip(jnp.round(rows / x_scale), -127, 127).astype(jnp.int8)
-    acc = jax.lax.dot_general(xq, w.q, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)  # [M, out]
-    y = acc.astype(jnp.float32) * x_scale * w.scale
-    return y[:m].reshape(*lead, w.q.shape[-2]).astype(out_dtype)
+
+    def w8a8(rows: jax.Array) -> jax.Array:
+        rows = rows.astype(jnp.float32)
+        if w.rotate:
+            rows = _rotate(rows, w.rotate, jnp, axis=-1)
+        amax = jnp.max(jnp.abs(rows), axis=-1, keepdims=True)
+        x_scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+        xq = jnp.clip(jnp.round(rows / x_scale), -127, 127).astype(jnp.int8)
+        acc = jax.lax.dot_general(xq, w.q, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)  # [M, out]
+        return acc.astype(jnp.float32) * x_scale * w.scale
+
+    return on_rows(w8a8, x).astype(out_dtype)
